@@ -1,0 +1,382 @@
+"""Cross-process operations over (nested) tensors, built on ``torch.distributed``.
+
+Everything here works the same whether the process group was started by
+``accelerate launch`` (``Accelerator`` / ``PartialState``), by ``torchrun`` or by a
+plain ``torch.distributed.init_process_group``: the functions only look at the
+default (or given) process group. With no process group they are identities.
+
+Gradient rule of :func:`gather`
+-------------------------------
+The backward pass of ``gather`` SUMS, over all ranks, the gradient each rank's loss
+sends to a row, and hands each rank the rows it contributed. DDP then AVERAGES
+parameter gradients over ranks. Together: if every rank computes a loss ``L_r`` from
+the gathered tensor, each rank's parameters receive the gradient of
+``mean_r L_r`` computed in ONE process on the concatenated batch. Two uses follow:
+
+* global loss, same on every rank (``L_r = L(all rows)``): DDP's gradient equals
+  the single-process gradient of ``L``;
+* local queries x gathered keys (``L_r`` = mean over rank ``r``'s queries): DDP's
+  gradient equals the single-process gradient of the mean over ranks, which is the
+  mean over all queries when ranks hold equal batch sizes.
+
+Every rank must call ``gather`` (forward) and back-propagate through its output
+(backward): both passes are collectives. A rank whose loss does not depend on the
+gathered tensor never runs the backward collective and the others wait for it.
+
+Debug mode
+----------
+Set ``SHARED_DIST_DEBUG=1`` (``ACCELERATE_DEBUG_MODE=1`` is honoured too) to make
+every operation first meet at a monitored barrier (gloo names a rank that never
+arrives instead of hanging) and compare the full structure, shapes, dtypes and
+devices of the inputs of every rank, raising :class:`DistributedOperationError`
+that lists every rank's shapes. Without debug mode, mismatched trailing shapes or
+dtypes of a gathered tensor are still caught (the size exchange carries them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistributedOperationError",
+    "barrier",
+    "broadcast_object",
+    "check_same",
+    "gather",
+    "gather_object",
+    "get_rank",
+    "get_world_size",
+    "is_debug_mode",
+    "is_distributed",
+    "local_slice",
+    "reduce",
+]
+
+# torch 2.13 renamed the single-tensor collectives; older releases only have the
+# *_tensor spelling (deprecated, with a FutureWarning, from 2.13 on).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+)
+_MAX_TRAILING = 6
+# [rows, ndim, dtype code, numel of one row, first _MAX_TRAILING trailing dims (-1 pad)]
+_META_LEN = 4 + _MAX_TRAILING
+
+
+class DistributedOperationError(RuntimeError):
+    """Raised when ranks call a collective with inputs that cannot be combined."""
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def get_world_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_debug_mode() -> bool:
+    flags = (os.environ.get("SHARED_DIST_DEBUG", ""), os.environ.get("ACCELERATE_DEBUG_MODE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _debug_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("SHARED_DIST_DEBUG_TIMEOUT", "60")))
+
+
+# ----------------------------------------------------------------------------- nested data
+
+
+def _map(fn: Callable[[torch.Tensor], Any], data: Any, path: str = "") -> Any:
+    """Apply ``fn`` to every tensor leaf of nested dicts/lists/tuples, keeping the structure."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        return type(data)({k: _map(fn, v, f"{path}.{k}") for k, v in data.items()})
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_map(fn, v, f"{path}[{i}]") for i, v in enumerate(data)))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_map(fn, v, f"{path}[{i}]") for i, v in enumerate(data))
+    raise TypeError(
+        f"expected a tensor or nested dict/list/tuple of tensors, got {type(data).__name__}"
+        f" at data{path or ''}"
+    )
+
+
+def _describe(data: Any) -> Any:
+    """A picklable description of a nested structure, for debug-mode comparisons."""
+    if isinstance(data, torch.Tensor):
+        return (tuple(data.shape), str(data.dtype), data.device.type)
+    if isinstance(data, Mapping):
+        return {k: _describe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_describe(v) for v in data]
+    return type(data).__name__
+
+
+def _trailing(desc: Any) -> Any:
+    """Drop dim 0 of every leaf: what must agree across ranks for a gather."""
+    if isinstance(desc, tuple):
+        shape, dtype, device = desc
+        return (shape[1:] if len(shape) else (), dtype, device)
+    if isinstance(desc, dict):
+        return {k: _trailing(v) for k, v in desc.items()}
+    if isinstance(desc, list):
+        return [_trailing(v) for v in desc]
+    return desc
+
+
+def _debug_check(op: str, data: Any, group: dist.ProcessGroup | None, same_shape: bool) -> None:
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        try:
+            dist.monitored_barrier(group, timeout=_debug_timeout(), wait_all_ranks=True)
+        except RuntimeError as err:
+            raise DistributedOperationError(
+                f"{op}: not every rank reached the collective within {_debug_timeout()}: {err}"
+            ) from err
+    descs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(descs, _describe(data), group=group)
+    key = (lambda d: d) if same_shape else _trailing
+    if any(key(d) != key(descs[0]) for d in descs):
+        lines = "\n".join(f"  rank {r}: {d}" for r, d in enumerate(descs))
+        what = "the same shapes" if same_shape else "the same structure, trailing shapes and dtypes"
+        raise DistributedOperationError(f"{op}: every rank must pass {what}; got\n{lines}")
+
+
+# ----------------------------------------------------------------------------- gather
+
+
+def _check_device(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    backend = dist.get_backend(group)
+    if backend == dist.Backend.NCCL and tensor.device.type != "cuda":
+        raise DistributedOperationError(
+            f"gather: the NCCL backend needs CUDA tensors, got a tensor on {tensor.device}"
+        )
+    if backend == dist.Backend.GLOO and tensor.device.type not in ("cpu", "cuda"):
+        raise DistributedOperationError(
+            f"gather: the gloo backend takes CPU (or CUDA) tensors, got one on {tensor.device}"
+        )
+
+
+def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> list[int]:
+    """One small collective: every rank's row count, checked trailing shape and dtype."""
+    if tensor.dtype not in _DTYPES:
+        raise TypeError(f"gather: unsupported dtype {tensor.dtype}")
+    trailing = list(tensor.shape[1:])
+    meta = [tensor.shape[0], tensor.dim(), _DTYPES.index(tensor.dtype), int(torch.Size(trailing).numel())]
+    meta += (trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]
+    world = dist.get_world_size(group)
+    local = torch.tensor(meta, dtype=torch.int64, device=tensor.device)
+    everyone = torch.empty(world * _META_LEN, dtype=torch.int64, device=tensor.device)
+    _all_gather_single(everyone, local, group=group)
+    table = everyone.view(world, _META_LEN).tolist()
+    if any(row[1:] != table[0][1:] for row in table):
+        lines = "\n".join(
+            f"  rank {r}: rows={row[0]}, ndim={row[1]}, dtype={_DTYPES[row[2]]}, "
+            f"trailing dims={[d for d in row[4:] if d >= 0]}"
+            for r, row in enumerate(table)
+        )
+        raise DistributedOperationError(
+            "gather: tensors must agree on every dim but dim 0 and on dtype across ranks; got\n" + lines
+        )
+    return [row[0] for row in table]
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along dim 0 with per-rank sizes; backward = reduce-scatter (SUM)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
+        world, rank, rows = len(sizes), dist.get_rank(group), max(sizes)
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, rank
+        rest = tensor.shape[1:]
+        if rows == 0:  # nothing anywhere: every rank skips the collective alike
+            return tensor.new_empty((0, *rest))
+        x = tensor.contiguous()
+        if x.shape[0] < rows:  # gloo needs equal sizes, and an empty rank would crash it
+            x = torch.cat([x, x.new_zeros((rows - x.shape[0], *rest))])
+        out = x.new_empty((world * rows, *rest))  # (W*max_n, ...)
+        _all_gather_single(out, x, group=group)
+        if all(s == rows for s in sizes):
+            return out
+        out = out.view(world, rows, *rest)  # (W, max_n, ...)
+        return torch.cat([out[r, : sizes[r]] for r in range(world)])  # (sum_n, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        sizes, world, rows = ctx.sizes, len(ctx.sizes), max(ctx.sizes)
+        rest = grad.shape[1:]
+        if rows == 0:
+            return grad.new_empty((0, *rest)), None, None
+        if all(s == rows for s in sizes):
+            padded = grad.contiguous()
+        else:
+            padded = grad.new_zeros((world, rows, *rest))  # (W, max_n, ...)
+            for r, chunk in enumerate(torch.split(grad, sizes)):
+                padded[r, : sizes[r]] = chunk
+            padded = padded.view(world * rows, *rest)
+        mine = grad.new_empty((rows, *rest))  # (max_n, ...): sum over ranks of my rows
+        _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine[: sizes[ctx.rank]], None, None
+
+
+def _gather_tensor(tensor: torch.Tensor, group: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if tensor.dim() == 0:
+        tensor = tensor.unsqueeze(0)  # a scalar per rank gathers to a (W,) vector
+    _check_device(tensor, group)
+    sizes = _exchange_meta(tensor, group)
+    offsets = (0, *torch.tensor(sizes).cumsum(0).tolist())
+    return _Gather.apply(tensor, sizes, group), offsets
+
+
+def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup | None = None) -> Any:
+    """Differentiable all-gather along dim 0, any number of rows per rank (0 included).
+
+    Args:
+        data: a tensor, or nested dicts/lists/tuples of tensors. Tensors must agree on
+            every dim but dim 0, and on dtype, across ranks. 0-d tensors count as one row.
+        return_offsets: also return, per tensor, ``offsets`` of length world_size + 1:
+            rank ``r``'s rows are ``gathered[offsets[r]:offsets[r + 1]]``.
+        group: process group; the default group when ``None``.
+
+    Returns:
+        The gathered data in rank order (same structure as ``data``), or
+        ``(gathered, offsets)`` with ``return_offsets=True``. With one process (or no
+        process group) the input itself is returned and offsets are ``(0, n)``.
+
+    Gradients follow the rule in this module's docstring: the backward pass sums the
+    gradients all ranks send to a row, so DDP's averaging yields the single-process
+    gradient. Costs one small collective for the sizes, one all-gather forward and
+    one reduce-scatter backward.
+    """
+    if not is_distributed(group):
+        if not return_offsets:
+            _map(lambda t: t, data)  # type check only
+            return data
+        return data, _map(lambda t: (0, t.shape[0] if t.dim() else 1), data)
+    if is_debug_mode():
+        _debug_check("gather", data, group, same_shape=False)
+    pairs = _map(lambda t: _gather_tensor(t, group), data)
+    gathered = _map_pairs(pairs, 0)
+    return (gathered, _map_pairs(pairs, 1)) if return_offsets else gathered
+
+
+def _map_pairs(data: Any, index: int) -> Any:
+    """Pick element ``index`` of the (tensor, offsets) pairs produced by ``_map``."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return data[index]
+    if isinstance(data, Mapping):
+        return type(data)({k: _map_pairs(v, index) for k, v in data.items()})
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(_map_pairs(v, index) for v in data))
+    return type(data)(_map_pairs(v, index) for v in data)
+
+
+def local_slice(offsets: Sequence[int], rank: int | None = None) -> slice:
+    """The rows of ``rank`` (this process by default) inside a gathered tensor."""
+    rank = get_rank() if rank is None else rank
+    if not 0 <= rank < len(offsets) - 1:
+        raise ValueError(f"rank must be in [0, {len(offsets) - 1}), got {rank}")
+    return slice(offsets[rank], offsets[rank + 1])
+
+
+# ----------------------------------------------------------------------------- reduce
+
+
+def reduce(data: Any, op: str = "sum", *, group: dist.ProcessGroup | None = None) -> Any:
+    """Non-differentiable all-reduce of same-shaped tensors (``op`` in sum/mean/max/min).
+
+    Returns new tensors; the inputs are left untouched.
+    """
+    ops = {
+        "sum": dist.ReduceOp.SUM,
+        "mean": dist.ReduceOp.SUM,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+    }
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    if not is_distributed(group):
+        return _map(lambda t: t.detach().clone(), data)
+    if is_debug_mode():
+        _debug_check("reduce", data, group, same_shape=True)
+    world = dist.get_world_size(group)
+
+    def _one(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        dist.all_reduce(out, op=ops[op], group=group)
+        return out / world if op == "mean" else out
+
+    return _map(_one, data)
+
+
+# ----------------------------------------------------------------------------- objects
+
+
+def gather_object(obj: Any, *, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``obj`` (ids, strings, small metadata) as a list in rank order.
+
+    Objects travel pickled between the processes of one job; never feed this
+    untrusted data.
+    """
+    if not is_distributed(group):
+        return [obj]
+    if is_debug_mode():
+        _debug_check("gather_object", torch.empty(0), group, same_shape=True)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0, *, group: dist.ProcessGroup | None = None) -> Any:
+    """``obj`` of rank ``src``, on every rank."""
+    if not is_distributed(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def check_same(value: Any, name: str = "value", *, group: dist.ProcessGroup | None = None) -> None:
+    """Raise ``DistributedOperationError`` naming every rank's ``value`` unless all are equal.
+
+    Use it to keep ranks in step (same step counter, same config, same number of
+    negatives) before a sequence of collectives that would otherwise hang or mix data.
+    """
+    values = gather_object(value, group=group)
+    if any(v != values[0] for v in values):
+        lines = "\n".join(f"  rank {r}: {v!r}" for r, v in enumerate(values))
+        raise DistributedOperationError(f"{name} differs across ranks:\n{lines}")
+
+
+def barrier(*, group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if is_distributed(group):
+        dist.barrier(group=group)

@@ -1,0 +1,156 @@
+"""Run a function on N local processes with a real process group — for tests.
+
+``launch(fn, world_size=2)`` spawns ``world_size`` fresh interpreters, initialises
+``torch.distributed`` (gloo by default) in each, calls ``fn(*args)`` and returns the
+per-rank results in rank order. It never hangs: a rank that fails, dies or runs past
+``timeout`` seconds ends the whole group and raises in the caller with every failing
+rank's traceback.
+
+``fn`` must be importable by name (a module-level function), as with any spawn.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+__all__ = ["free_port", "launch"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    pg_timeout: float,
+    threads: int,
+    env: dict[str, str],
+    fn: Callable[..., Any],
+    args: tuple,
+    results: Any,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)  # N processes share a few cores
+    try:
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
+        )
+        out = fn(*args)
+        # Pickled by value here (not through shared memory) so results outlive the worker.
+        results.put((rank, True, pickle.dumps(out)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    args: tuple = (),
+    *,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+    pg_timeout: float | None = None,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` processes; return the results in rank order.
+
+    Args:
+        fn: module-level function; it runs after ``init_process_group``.
+        world_size: number of processes (>= 1).
+        timeout: seconds for the whole run before every process is killed.
+        backend: ``"gloo"`` on CPU.
+        pg_timeout: the process group's own collective timeout (default: ``timeout``).
+        threads: torch intra-op threads per process.
+        env: extra environment variables for the workers.
+    """
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(
+                r,
+                world_size,
+                port,
+                backend,
+                pg_timeout or timeout,
+                threads,
+                dict(env or {}),
+                fn,
+                args,
+                results,
+            ),
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    done: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    grace: float | None = None  # after a failure, give the others a moment to report too
+    try:
+        while len(done) < world_size:
+            now = time.monotonic()
+            if now > deadline or (grace is not None and now > grace):
+                break
+            try:
+                rank, ok, payload = results.get(timeout=0.2)
+                done[rank] = (ok, payload)
+                if not ok and grace is None:
+                    grace = time.monotonic() + 5.0
+            except queue.Empty:
+                for r, p in enumerate(procs):
+                    if r not in done and p.exitcode is not None:
+                        done[r] = (False, f"process exited with code {p.exitcode} before reporting")
+                        grace = grace or time.monotonic() + 5.0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    failures = {r: msg for r, (ok, msg) in sorted(done.items()) if not ok}
+    missing = [r for r in range(world_size) if r not in done]
+    if failures:
+        text = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
+        extra = f" (ranks {missing} killed while waiting)" if missing else ""
+        raise RuntimeError(f"{len(failures)} of {world_size} ranks failed{extra}:\n{text}")
+    if missing:
+        raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s")
+    return [pickle.loads(done[r][1]) for r in range(world_size)]

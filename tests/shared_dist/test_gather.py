@@ -1,0 +1,271 @@
+"""shared_dist.gather on real gloo process groups, checked against one process."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import shared_dist
+from shared_dist.testing import launch
+
+pytestmark = pytest.mark.distributed
+
+Pair = namedtuple("Pair", "x y")
+
+
+def _rows(rank: int, n: int, d: int = 4) -> torch.Tensor:
+    """Rank-tagged rows, different on every rank so a mix-up shows."""
+    base = torch.arange(n * d, dtype=torch.float32).view(n, d)
+    return base + 1000.0 * (rank + 1)
+
+
+# ---------------------------------------------------------------- values, sizes, order
+
+
+def _w_values(sizes: list[int]) -> dict:
+    rank = dist.get_rank()
+    out = {}
+    x = _rows(rank, sizes[rank])
+    out["plain"] = shared_dist.gather(x, return_offsets=True)
+    # non-contiguous input: a transposed view
+    xt = _rows(rank, sizes[rank], 6).t().contiguous().t()[:, ::2]
+    assert sizes[rank] < 2 or not xt.is_contiguous()
+    out["noncontig"] = shared_dist.gather(xt)
+    out["nested"] = shared_dist.gather(
+        {"a": x, "b": [x[:, 0].long(), Pair(x.view(-1, 2, 2), x[:, :1])]}, return_offsets=True
+    )
+    out["scalar"] = shared_dist.gather(torch.tensor(float(rank)))
+    out["objects"] = shared_dist.gather_object({"rank": rank, "ids": [f"doc{rank}"] * sizes[rank]})
+    out["bcast"] = shared_dist.broadcast_object(f"from{rank}", src=dist.get_world_size() - 1)
+    out["sum"] = shared_dist.reduce(torch.full((2,), float(rank)), "sum")
+    out["mean"] = shared_dist.reduce(torch.full((2,), float(rank)), "mean")
+    out["slice"] = shared_dist.local_slice(out["plain"][1])
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[3, 5], [4, 4], [0, 3], [0, 0], [3, 0, 5], [2, 2, 2]])
+def test_gather_values_in_rank_order(sizes):
+    world = len(sizes)
+    results = launch(_w_values, world, (sizes,), timeout=120)
+    expect = torch.cat([_rows(r, n) for r, n in enumerate(sizes)])
+    offsets = tuple([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    for rank, res in enumerate(results):
+        gathered, offs = res["plain"]
+        assert torch.equal(gathered, expect)
+        assert offs == offsets
+        assert res["slice"] == slice(offsets[rank], offsets[rank + 1])
+        expect_nc = torch.cat([_rows(r, n, 6)[:, ::2] for r, n in enumerate(sizes)])
+        assert torch.equal(res["noncontig"], expect_nc)
+        nested, noffs = res["nested"]
+        assert torch.equal(nested["a"], expect)
+        assert torch.equal(nested["b"][0], expect[:, 0].long())
+        assert isinstance(nested["b"][1], Pair)
+        assert torch.equal(nested["b"][1].x, expect.view(-1, 2, 2))
+        assert torch.equal(nested["b"][1].y, expect[:, :1])
+        assert noffs["b"][1].x == offsets
+        assert torch.equal(res["scalar"], torch.arange(world, dtype=torch.float32))
+        assert res["objects"] == [{"rank": r, "ids": [f"doc{r}"] * n} for r, n in enumerate(sizes)]
+        assert res["bcast"] == f"from{world - 1}"
+        total = float(sum(range(world)))
+        assert torch.equal(res["sum"], torch.full((2,), total))
+        assert torch.allclose(res["mean"], torch.full((2,), total / world))
+
+
+def test_single_process_is_identity():
+    assert not dist.is_initialized()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert shared_dist.gather(x) is x
+    out, offs = shared_dist.gather({"k": x}, return_offsets=True)
+    assert out["k"] is x and offs == {"k": (0, 3)}
+    assert shared_dist.gather_object("a") == ["a"]
+    assert shared_dist.local_slice((0, 3)) == slice(0, 3)
+    with pytest.raises(TypeError, match="expected a tensor"):
+        shared_dist.gather({"k": "not a tensor"})
+
+
+# ---------------------------------------------------------------- gradients vs one process
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+
+
+def _inputs(sizes: list[int], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 6, generator=g) for n in sizes]
+
+
+def _global_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Same loss on every rank: all queries against all keys."""
+    logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T / 0.1
+    return F.cross_entropy(logits, torch.arange(q.shape[0]))
+
+
+def _local_loss(q_local: torch.Tensor, k_all: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.normalize(q_local, dim=-1) @ F.normalize(k_all, dim=-1).T / 0.1
+    return F.cross_entropy(logits, labels)
+
+
+def _w_grads(sizes: list[int], use: str) -> dict:
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    x = _inputs(sizes)[rank].requires_grad_(True)
+    z = model(x)  # (B_r, 5)
+    q, k = z[:, :4], z[:, 1:]  # two "views" of the same rows
+    if use == "global":
+        loss = _global_loss(shared_dist.gather(q), shared_dist.gather(k))
+    else:
+        k_all, offsets = shared_dist.gather(k, return_offsets=True)
+        mine = shared_dist.local_slice(offsets)
+        loss = _local_loss(q, k_all, torch.arange(mine.start, mine.stop))
+    loss.backward()
+    return {
+        "params": [p.grad.clone() for p in model.parameters()],
+        "x_grad": x.grad.clone(),
+    }
+
+
+def _reference(sizes: list[int], use: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    model = _model()
+    x = torch.cat(_inputs(sizes)).requires_grad_(True)
+    z = model(x)
+    q, k = z[:, :4], z[:, 1:]
+    if use == "global":
+        loss = _global_loss(q, k)
+    else:
+        offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        per_rank = [
+            _local_loss(q[offs[r] : offs[r + 1]], k, torch.arange(offs[r], offs[r + 1]))
+            for r in range(len(sizes))
+        ]
+        loss = torch.stack(per_rank).mean()  # DDP averages the per-rank losses
+    loss.backward()
+    return [p.grad for p in model.parameters()], x.grad
+
+
+@pytest.mark.parametrize(
+    "sizes,use",
+    [([3, 5], "global"), ([3, 5], "local"), ([3, 0, 5], "global"), ([2, 3, 4], "local")],
+)
+def test_gradients_match_single_process(sizes, use):
+    world = len(sizes)
+    results = launch(_w_grads, world, (sizes, use), timeout=120)
+    ref_params, ref_x = _reference(sizes, use)
+    offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for rank, res in enumerate(results):
+        # DDP-averaged parameter gradients equal the single-process ones
+        for got, want in zip(res["params"], ref_params):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # the stated rule: a rank's input gradient is the SUM over ranks, i.e. W x the
+        # gradient of the mean-over-ranks loss computed in one process
+        torch.testing.assert_close(
+            res["x_grad"], world * ref_x[offs[rank] : offs[rank + 1]], rtol=1e-5, atol=1e-6
+        )
+
+
+def _w_plain_all_gather_loses_grads(sizes: list[int]) -> list[torch.Tensor]:
+    """The failure the package exists for: a plain all_gather cuts the graph."""
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    z = model(_inputs(sizes)[rank])
+    parts = [torch.empty_like(z) for _ in sizes]
+    dist.all_gather(parts, z.detach())
+    parts[rank] = z
+    _global_loss(torch.cat(parts)[:, :4], torch.cat(parts)[:, 1:]).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_reference_detects_plain_all_gather_bug():
+    """Guards the parity test itself: the no-grad gather gives different gradients."""
+    sizes = [4, 4]
+    results = launch(_w_plain_all_gather_loses_grads, 2, (sizes,), timeout=120)
+    ref_params, _ = _reference(sizes, "global")
+    assert not all(torch.allclose(g, w, rtol=1e-4) for g, w in zip(results[0], ref_params))
+
+
+# ---------------------------------------------------------------- errors instead of hangs
+
+
+def _w_errors(case: str) -> str:
+    rank = dist.get_rank()
+    try:
+        if case == "trailing":
+            shared_dist.gather(torch.zeros(2, 3 + rank))
+        elif case == "dtype":
+            shared_dist.gather(torch.zeros(2, 3, dtype=torch.float32 if rank == 0 else torch.float64))
+        elif case == "structure":  # only caught in debug mode
+            data = {"a": torch.zeros(2, 3)} if rank == 0 else {"a": torch.zeros(2, 3), "b": torch.zeros(1)}
+            shared_dist.gather(data)
+        elif case == "device":
+            shared_dist.gather(torch.zeros(2, 3, device="meta"))
+        elif case == "check_same":
+            shared_dist.check_same(4 + rank, "num_negatives")
+        elif case == "missing_rank":
+            if rank == 1:
+                time.sleep(12)  # never calls the collective in time
+                return "slept"
+            t0 = time.monotonic()
+            try:
+                shared_dist.gather(torch.zeros(2, 3))
+            finally:
+                os.environ["ELAPSED"] = f"{time.monotonic() - t0:.1f}"
+        return "no error"
+    except Exception as err:
+        return f"{type(err).__name__}: {err} [elapsed={os.environ.get('ELAPSED', '')}]"
+
+
+@pytest.mark.parametrize("case", ["trailing", "dtype", "check_same"])
+def test_mismatch_raises_naming_every_rank(case):
+    results = launch(_w_errors, 2, (case,), timeout=60)
+    for msg in results:
+        assert msg.startswith("DistributedOperationError"), msg
+        assert "rank 0" in msg and "rank 1" in msg, msg
+    if case == "trailing":
+        assert "trailing dims=[3]" in results[0] and "trailing dims=[4]" in results[0]
+
+
+def test_wrong_device_raises():
+    results = launch(_w_errors, 2, ("device",), timeout=60)
+    assert all("gloo backend" in m and "meta" in m for m in results), results
+
+
+def test_debug_mode_catches_structure_mismatch():
+    results = launch(_w_errors, 2, ("structure",), timeout=60, env={"SHARED_DIST_DEBUG": "1"})
+    for msg in results:
+        assert msg.startswith("DistributedOperationError"), msg
+        assert "rank 0: {'a'" in msg and "'b'" in msg, msg
+
+
+def test_debug_mode_names_missing_rank():
+    env = {"SHARED_DIST_DEBUG": "1", "SHARED_DIST_DEBUG_TIMEOUT": "3"}
+    results = launch(_w_errors, 2, ("missing_rank",), timeout=60, env=env)
+    assert results[1] == "slept"
+    assert results[0].startswith("DistributedOperationError"), results[0]
+    assert "1" in results[0].split("within")[1], results[0]  # names rank 1
+    assert float(results[0].rsplit("elapsed=", 1)[1].rstrip("]")) < 10
+
+
+def test_missing_rank_times_out_without_debug_mode():
+    results = launch(_w_errors, 2, ("missing_rank",), timeout=60, pg_timeout=3)
+    assert results[0] != "no error" and "Error" in results[0], results[0]
+    assert float(results[0].rsplit("elapsed=", 1)[1].rstrip("]")) < 10
+
+
+def _w_fail() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("boom on rank 1")
+    time.sleep(60)
+
+
+def test_launcher_reports_failure_fast():
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom on rank 1"):
+        launch(_w_fail, 2, timeout=50)
+    assert time.monotonic() - t0 < 30
