@@ -1,1 +1,58 @@
-"""rrcm-diffusers."""
+"""rrcm-diffusers: rRCM (Lei et al., ICLR 2025) for diffusers.
+
+A noise-conditioned encoder trained along diffusion noise trajectories
+(:class:`RRCMModel`, :class:`RRCMPretrainingLoss`), fine-tuned with a linear head on
+noisy inputs (:class:`RRCMFinetuningLoss`), and certified with randomized smoothing
+(:class:`RRCMPipeline`, :func:`certify`).
+"""
+
+from __future__ import annotations
+
+from .certification import CertifyResult, PredictResult, certify, predict
+from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
+from .modeling_rrcm import GatheredBatchNorm1d, RRCMModel, RRCMModelOutput, info_nce
+from .pipeline_rrcm import RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput
+from .trajectory import (
+    grid_index_for_sigma,
+    grid_sigma_for_sigma,
+    icm_num_scales,
+    icm_stage_length,
+    karras_sigmas,
+    sample_grid_index,
+)
+
+__version__ = "0.1.0"
+
+CITATION = """@inproceedings{lei2025robust,
+  title={Robust Representation Consistency Model via Contrastive Denoising},
+  author={Lei, Jiachen and Berner, Julius and Wang, Jiongxiao and Chen, Zhongzhu and Ba, Zhongjia},
+  booktitle={International Conference on Learning Representations},
+  year={2025},
+  eprint={2501.13094},
+  archivePrefix={arXiv}
+}"""
+
+__all__ = [
+    "CITATION",
+    "CertifyResult",
+    "GatheredBatchNorm1d",
+    "PredictResult",
+    "RRCMCertifyOutput",
+    "RRCMFinetuningLoss",
+    "RRCMModel",
+    "RRCMModelOutput",
+    "RRCMPipeline",
+    "RRCMPipelineOutput",
+    "RRCMPretrainingLoss",
+    "certify",
+    "ema_rate",
+    "grid_index_for_sigma",
+    "grid_sigma_for_sigma",
+    "icm_num_scales",
+    "icm_stage_length",
+    "info_nce",
+    "karras_sigmas",
+    "predict",
+    "sample_grid_index",
+    "update_ema",
+]

@@ -1,0 +1,79 @@
+"""Built-in backbone: a pre-LN ViT with tokens [CLS, time, patches] (registered as ``vit``)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+from .hooks import hookimpl
+
+
+class ViTBackbone(nn.Module):
+    """Noise-conditioned ViT; returns LN(CLS) of shape (B, hidden_size).
+
+    The time token is the sinusoidal embedding of c_noise, passed through a small MLP
+    (diffusers' ``Timesteps`` + ``TimestepEmbedding``).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        in_channels: int = 1,
+        patch_size: int = 4,
+        hidden_size: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.out_dim = hidden_size
+        self.depth = depth
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.time_proj = Timesteps(hidden_size, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(hidden_size, hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 2, hidden_size))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                hidden_size,
+                num_heads,
+                int(hidden_size * mlp_ratio),
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(hidden_size)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, P, D)
+        time_tok = self.time_embed(self.time_proj(t).to(patches.dtype)).unsqueeze(1)  # (B, 1, D)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), time_tok, patches], dim=1)  # (B, P+2, D)
+        tokens = tokens + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens[:, 0])  # (B, D)
+
+    def get_layer_id(self, name: str) -> int:
+        """Depth of a parameter, for layer-wise lr decay: embeddings 0, block i -> i+1, norm depth+1."""
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        if name.startswith("norm."):
+            return self.depth + 1
+        return 0
+
+
+@hookimpl
+def rrcm_register_backbones():
+    return {"vit": ViTBackbone}

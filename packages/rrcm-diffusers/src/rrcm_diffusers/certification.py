@@ -1,0 +1,192 @@
+"""Randomized-smoothing PREDICT and CERTIFY (Cohen, Rosenfeld & Kolter, 2019) for any classifier.
+
+``classifier`` is any callable mapping a batch of images in [0, 1] pixel space, already
+noised, (B, C, H, W), to logits (B, K). The smoothing noise N(0, σ²I) is added here, in
+[0, 1] pixel space, in batches on the classifier's device.
+
+Reproducibility: noise is drawn from ``generator`` in fixed chunks of ``NOISE_CHUNK``
+samples, independent of ``batch_size``, so counts (and certificates) do not change with
+the batch size for a fixed generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from scipy.stats import beta, binomtest, norm
+from tqdm.auto import tqdm
+
+NOISE_CHUNK = 256
+ABSTAIN = -1
+
+Classifier = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PredictResult:
+    predictions: torch.Tensor  # (N,) class or ABSTAIN
+    counts: torch.Tensor  # (N, K) votes
+    p_values: torch.Tensor  # (N,)
+
+
+@dataclass
+class CertifyResult:
+    predictions: torch.Tensor  # (N,) class or ABSTAIN
+    radii: torch.Tensor  # (N,) certified L2 radius (0 where abstaining)
+    p_lower: torch.Tensor  # (N,) one-sided Clopper-Pearson lower bound of p_A
+    counts: torch.Tensor  # (N,) votes for the selected class among the n samples
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor (N, C, H, W) or (C, H, W) in [0, 1], got {got}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.numel() and (images.min() < 0 or images.max() > 1 or not torch.isfinite(images).all()):
+        raise ValueError(
+            f"images must lie in [0, 1] pixel space, got range [{images.min().item():.3f}, {images.max().item():.3f}]"
+        )
+    return images
+
+
+def _check_common(sigma: float, alpha: float, batch_size: int) -> None:
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 (noise std in [0, 1] pixel space), got {sigma}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+@torch.inference_mode()
+def sample_counts(
+    classifier: Classifier,
+    image: torch.Tensor,
+    sigma: float,
+    num: int,
+    batch_size: int,
+    num_classes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Votes of ``classifier`` over ``num`` noisy copies of one image (C, H, W) → (K,)."""
+    device = image.device
+    counts: torch.Tensor | None = None if num_classes is None else torch.zeros(num_classes, dtype=torch.long)
+    pending: list[torch.Tensor] = []  # noise not yet classified
+    pending_rows = 0
+    drawn = 0
+    while drawn < num or pending_rows:
+        # 1. draw noise in fixed chunks (independent of batch_size) until a batch is ready
+        while pending_rows < batch_size and drawn < num:
+            k = min(NOISE_CHUNK, num - drawn)
+            pending.append(
+                torch.randn((k, *image.shape), generator=generator, device=device, dtype=image.dtype)
+            )
+            pending_rows += k
+            drawn += k
+        noise = torch.cat(pending) if len(pending) > 1 else pending[0]  # (rows, C, H, W)
+        batch_noise, rest = noise[:batch_size], noise[batch_size:]
+        pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
+        # 2. classify the noisy batch and count votes
+        logits = classifier(image.unsqueeze(0) + sigma * batch_noise)  # (b, K)
+        if counts is None:
+            counts = torch.zeros(logits.shape[-1], dtype=torch.long)
+        counts += torch.bincount(logits.argmax(-1).cpu(), minlength=counts.numel())
+    assert counts is not None
+    return counts
+
+
+def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
+    """One-sided (1 − α) Clopper–Pearson lower bound on a binomial proportion."""
+    if successes <= 0:
+        return 0.0
+    return float(beta.ppf(alpha, successes, trials - successes + 1))
+
+
+def predict(
+    classifier: Classifier,
+    images: torch.Tensor,
+    sigma: float,
+    num_samples: int = 1000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> PredictResult:
+    """Cohen's PREDICT: the top class when a two-sided binomial test (top two counts) rejects
+    a tie at level ``alpha``, else abstain (``ABSTAIN``)."""
+    images = _check_images(images)
+    _check_common(sigma, alpha, batch_size)
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    preds, all_counts, pvals = [], [], []
+    for image in tqdm(images, disable=not progress, desc="predict"):
+        counts = sample_counts(classifier, image, sigma, num_samples, batch_size, generator=generator)
+        top2 = counts.topk(min(2, counts.numel()))
+        n_a = int(top2.values[0])
+        n_b = int(top2.values[1]) if counts.numel() > 1 else 0
+        p = binomtest(n_a, n_a + n_b, 0.5).pvalue if n_a + n_b > 0 else 1.0
+        preds.append(int(top2.indices[0]) if p <= alpha else ABSTAIN)
+        all_counts.append(counts)
+        pvals.append(p)
+    return PredictResult(torch.tensor(preds, dtype=torch.long), torch.stack(all_counts), torch.tensor(pvals))
+
+
+def certify(
+    classifier: Classifier,
+    images: torch.Tensor,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> CertifyResult:
+    """Cohen's CERTIFY: pick c_A with ``n0`` samples, count it over ``n`` fresh samples,
+    bound p_A from below (one-sided Clopper–Pearson at level ``alpha``); abstain when the
+    bound is < 0.5, else certify the L2 radius σ·Φ⁻¹(p_A_lower)."""
+    images = _check_images(images)
+    _check_common(sigma, alpha, batch_size)
+    if n0 <= 0 or n <= 0:
+        raise ValueError(f"n0 and n must be > 0, got n0={n0}, n={n}")
+    if n0 > n:
+        raise ValueError(
+            f"n0 (selection samples) must not exceed n (estimation samples), got n0={n0} > n={n}"
+        )
+    preds, radii, lows, votes = [], [], [], []
+    for image in tqdm(images, disable=not progress, desc="certify"):
+        c_a = int(sample_counts(classifier, image, sigma, n0, batch_size, generator=generator).argmax())
+        counts = sample_counts(classifier, image, sigma, n, batch_size, generator=generator)
+        n_a = int(counts[c_a]) if c_a < counts.numel() else 0
+        p_low = lower_confidence_bound(n_a, n, alpha)
+        if p_low < 0.5:
+            preds.append(ABSTAIN)
+            radii.append(0.0)
+        else:
+            preds.append(c_a)
+            radii.append(sigma * float(norm.ppf(p_low)))
+        lows.append(p_low)
+        votes.append(n_a)
+    return CertifyResult(
+        torch.tensor(preds, dtype=torch.long),
+        torch.tensor(radii, dtype=torch.float64),
+        torch.tensor(lows, dtype=torch.float64),
+        torch.tensor(votes, dtype=torch.long),
+    )
+
+
+def certified_accuracy(result: CertifyResult, labels: torch.Tensor, radii: list[float]) -> list[float]:
+    """Fraction of images certified correct with radius >= r, for each r."""
+    correct = result.predictions == labels.cpu()
+    return [float(((result.radii >= r) & correct).float().mean()) for r in radii]
+
+
+def average_certified_radius(result: CertifyResult, labels: torch.Tensor) -> float:
+    """ACR: mean radius over images, counting wrong or abstained ones as 0."""
+    correct = result.predictions == labels.cpu()
+    return float(torch.where(correct, result.radii, torch.zeros_like(result.radii)).mean())

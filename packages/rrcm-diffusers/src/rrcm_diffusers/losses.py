@@ -1,0 +1,201 @@
+"""rRCM training objectives: contrastive pretraining along the trajectory, and noisy fine-tuning."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import shared_dist
+
+from .modeling_rrcm import RRCMModel, info_nce
+from .trajectory import CERTIFY_NUM_SCALES, SIGMA_MIN, grid_sigma_for_sigma, karras_sigmas
+
+
+class RRCMPretrainingLoss(nn.Module):
+    r"""The rRCM pretraining objective for one batch.
+
+    With ONE noise draw ε shared by every term and one grid index n shared by the batch:
+
+    1. instance discrimination at s_min, symmetric:
+       NCE(proj(online(a + s_min ε)), sg(proj(target(b + s_min ε)))) + (a ↔ b),
+       where ``target`` is the EMA of ``online``;
+    2. trajectory consistency between adjacent grid points on the encoder's LN(CLS):
+       NCE(online(x + s_n ε), sg(online(x + s_{n+1} ε))) — the teacher is the online
+       network itself under stop-grad, one step less noisy.
+
+    NCE is InfoNCE on L2-normalised vectors with cosine logits / τ; the targets are gathered
+    from every rank (cross-device negatives), queries stay local.
+
+    Args:
+        tau: temperature τ (0.2).
+        instance_weight, consistency_weight: weights of terms 1 and 2 (1 and 1; set one to
+            0 for the ablations "consistency only" / "contrastive only").
+    """
+
+    def __init__(
+        self, tau: float = 0.2, instance_weight: float = 1.0, consistency_weight: float = 1.0
+    ) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.tau, self.instance_weight, self.consistency_weight = tau, instance_weight, consistency_weight
+
+    def forward(
+        self,
+        online: RRCMModel,
+        target: RRCMModel,
+        x: torch.Tensor,
+        view_a: torch.Tensor,
+        view_b: torch.Tensor,
+        grid_index: int,
+        num_scales: int,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            online: the model being trained (may be DDP-wrapped).
+            target: its EMA copy.
+            x: lightly augmented images (flip only), pixels in [-1, 1], (B, C, H, W).
+            view_a, view_b: two strong augmentations of the same images, (B, C, H, W).
+            grid_index: n in [0, N-2], the same on every rank (``sample_grid_index``).
+            num_scales: N, the current grid size.
+            generator: draws ε when ``noise`` is not given.
+            noise: ε itself, (B, C, H, W), if you want to fix it.
+        Returns:
+            dict with ``loss`` (to back-propagate), ``instance`` and ``consistency``.
+        """
+        if not x.shape == view_a.shape == view_b.shape:
+            raise ValueError(
+                f"x, view_a, view_b must have one shape, got {x.shape}, {view_a.shape}, {view_b.shape}"
+            )
+        if x.shape[0] * shared_dist.get_world_size() < 2:
+            raise ValueError(
+                f"the contrastive loss needs a batch of at least 2 across ranks, got x of shape {tuple(x.shape)}"
+            )
+        if not 0 <= grid_index <= num_scales - 2:
+            raise ValueError(f"grid_index must be in [0, {num_scales - 2}], got {grid_index}")
+        if noise is not None and noise.shape != x.shape:
+            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+        eps = (
+            noise
+            if noise is not None
+            else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        )
+        sigmas = karras_sigmas(num_scales)
+        s_n, s_next = float(sigmas[grid_index]), float(sigmas[grid_index + 1])  # s_n > s_next
+
+        zero = x.new_zeros(())
+        instance = zero
+        if self.instance_weight:
+            qa = online(view_a + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection  # (B, P)
+            qb = online(view_b + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection  # (B, P)
+            with torch.no_grad():
+                ka = target(view_a + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection
+                kb = target(view_b + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection
+            instance = info_nce(qa, kb, self.tau) + info_nce(qb, ka, self.tau)
+
+        consistency = zero
+        if self.consistency_weight:
+            student = online(x + s_n * eps, s_n).features  # (B, D)
+            with torch.no_grad():
+                teacher = online(x + s_next * eps, s_next).features  # (B, D), stop-grad online
+            consistency = info_nce(student, teacher, self.tau)
+
+        loss = self.instance_weight * instance + self.consistency_weight * consistency
+        return {"loss": loss, "instance": instance.detach(), "consistency": consistency.detach()}
+
+
+class RRCMFinetuningLoss(nn.Module):
+    r"""Noisy fine-tuning with the consistency regulariser of Jeong & Shin (2020).
+
+    Each image is repeated ``m`` times with independent noise 2σ·ε (σ in [0, 1] pixel space,
+    so 2σ in [-1, 1] space), the model is conditioned on the grid level nearest to 2σ, and
+
+        L = CE(logits, y) + λ · mean_i KL(p̄ ‖ p_i) + η · H(p̄),   p̄ = mean_i p_i.
+
+    Args:
+        sigma: smoothing noise σ > 0 in [0, 1] pixel space.
+        num_noise_samples: m (2).
+        consistency_weight: λ (10 for σ = 0.25, 20 for σ >= 0.5; 0 gives plain Gaussian augmentation).
+        entropy_weight: η (0.5).
+        num_scales: grid size used to pick the conditioning level (81).
+    """
+
+    def __init__(
+        self,
+        sigma: float,
+        num_noise_samples: int = 2,
+        consistency_weight: float | None = None,
+        entropy_weight: float = 0.5,
+        num_scales: int = CERTIFY_NUM_SCALES,
+    ) -> None:
+        super().__init__()
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        if num_noise_samples < 1:
+            raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}")
+        self.sigma, self.m = float(sigma), num_noise_samples
+        self.lam = (10.0 if sigma <= 0.25 else 20.0) if consistency_weight is None else consistency_weight
+        self.eta = entropy_weight
+        self.grid_sigma = grid_sigma_for_sigma(sigma, num_scales)
+
+    def forward(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``images``: clean pixels in [-1, 1], (B, C, H, W); ``labels``: (B,)."""
+        b = images.shape[0]
+        if labels.shape != (b,):
+            raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+        x = images.repeat(self.m, 1, 1, 1)  # (m*B, C, H, W), copy i of image j at row i*B + j
+        x = x + 2.0 * self.sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        logits = model(x, self.grid_sigma).logits  # (m*B, K)
+        ce = F.cross_entropy(logits, labels.repeat(self.m))
+        log_p = F.log_softmax(logits, dim=-1).view(self.m, b, -1)  # (m, B, K)
+        p_bar = log_p.exp().mean(0)  # (B, K)
+        log_p_bar = p_bar.clamp_min(1e-12).log()
+        # KL(p̄ ‖ p_i) = Σ_k p̄ (log p̄ − log p_i), averaged over i and the batch
+        kl = (p_bar.unsqueeze(0) * (log_p_bar.unsqueeze(0) - log_p)).sum(-1).mean()
+        entropy = -(p_bar * log_p_bar).sum(-1).mean()
+        loss = ce + (self.lam * kl + self.eta * entropy if self.m > 1 else 0.0)
+        acc = (logits.argmax(-1) == labels.repeat(self.m)).float().mean()
+        return {
+            "loss": loss,
+            "ce": ce.detach(),
+            "kl": kl.detach(),
+            "entropy": entropy.detach(),
+            "accuracy": acc,
+        }
+
+
+def ema_rate(
+    step: int, total_steps: int, start: float = 0.99, end: float = 0.9999, steepness: float = 6.0
+) -> float:
+    """Sigmoid-shaped EMA rate rising from ``start`` (step 0) to ``end`` (last step)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    t = min(max(step / total_steps, 0.0), 1.0)
+
+    def sig(v: float) -> float:
+        return 1.0 / (1.0 + math.exp(-v))
+
+    lo, hi = sig(-steepness), sig(steepness)
+    return start + (end - start) * (sig(steepness * (2 * t - 1)) - lo) / (hi - lo)
+
+
+@torch.no_grad()
+def update_ema(target: nn.Module, online: nn.Module, rate: float) -> None:
+    """target ← rate·target + (1 − rate)·online for parameters; buffers are copied."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o.detach(), 1.0 - rate)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)
