@@ -1,1 +1,19 @@
-"""conan-st."""
+"""conan-st: Conan-embedding training methods for sentence-transformers.
+
+* :class:`CrossGPUBalancingLoss` — retrieval InfoNCE over the hard negatives of every GPU +
+  β·CoSENT, both tasks in every optimisation step;
+* :class:`TaskBalancedBatchSampler` and :func:`make_balanced_datasets` — the batches it needs,
+  through sentence-transformers' own multi-dataset batch sampler extension point;
+* :class:`DynamicHardNegativeMiningCallback` — hard negatives refreshed while training runs.
+"""
+
+from __future__ import annotations
+
+from .data import make_balanced_datasets
+from .layout import TaskLayout
+from .losses import CrossGPUBalancingLoss
+from .sampler import TaskBalancedBatchSampler
+
+__version__ = "0.1.0"
+
+__all__ = ["CrossGPUBalancingLoss", "TaskBalancedBatchSampler", "TaskLayout", "make_balanced_datasets"]

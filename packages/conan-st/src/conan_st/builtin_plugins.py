@@ -1,0 +1,92 @@
+"""Built-in conan-st plugins: exact torch search, faiss search, NV-Retriever negative filter."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .hooks import hookimpl
+
+
+class TorchSearch:
+    """Exact inner-product top-k in blocks: memory ~ corpus + one (query block x corpus block)."""
+
+    name = "torch"
+
+    def __init__(self, query_block: int = 1024, corpus_block: int = 65536) -> None:
+        self.query_block, self.corpus_block = query_block, corpus_block
+
+    @torch.inference_mode()
+    def search(
+        self, queries: torch.Tensor, corpus: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check(queries, corpus, top_k)
+        k = top_k
+        all_scores, all_idx = [], []
+        for qb in queries.split(self.query_block):
+            best_s = qb.new_full((qb.shape[0], 0), float("-inf"))
+            best_i = torch.empty((qb.shape[0], 0), dtype=torch.long)
+            for start in range(0, corpus.shape[0], self.corpus_block):
+                block = corpus[start : start + self.corpus_block]
+                s, i = (qb @ block.T).topk(min(k, block.shape[0]), dim=1)  # (q, k)
+                cand_s = torch.cat([best_s, s], 1)
+                cand_i = torch.cat([best_i, i + start], 1)
+                best_s, order = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+                best_i = cand_i.gather(1, order)
+            all_scores.append(best_s)
+            all_idx.append(best_i)
+        return torch.cat(all_scores), torch.cat(all_idx)
+
+
+class FaissSearch:
+    """Exact inner-product search with faiss (IndexFlatIP)."""
+
+    name = "faiss"
+
+    def search(
+        self, queries: torch.Tensor, corpus: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import faiss
+
+        _check(queries, corpus, top_k)
+        index = faiss.IndexFlatIP(corpus.shape[1])
+        index.add(corpus.detach().float().cpu().contiguous().numpy())
+        scores, idx = index.search(queries.detach().float().cpu().contiguous().numpy(), top_k)
+        return torch.from_numpy(scores), torch.from_numpy(idx).long()
+
+
+def _check(queries: torch.Tensor, corpus: torch.Tensor, top_k: int) -> None:
+    if corpus.shape[0] == 0:
+        raise ValueError("corpus is empty: nothing to search")
+    if queries.dim() != 2 or corpus.dim() != 2 or queries.shape[1] != corpus.shape[1]:
+        raise ValueError(
+            f"queries (Q, D) and corpus (N, D) must share D, got {tuple(queries.shape)}, {tuple(corpus.shape)}"
+        )
+    if not 0 < top_k <= corpus.shape[0]:
+        raise ValueError(f"top_k must be in [1, {corpus.shape[0]}] (corpus size), got {top_k}")
+
+
+class PositiveRatioFilter:
+    """NV-Retriever's rule: drop candidates scoring above ``ratio`` x the positive's score."""
+
+    def __init__(self, ratio: float = 0.95) -> None:
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        self.ratio = ratio
+
+    def __call__(self, candidate_scores: torch.Tensor, positive_scores: torch.Tensor) -> torch.Tensor:
+        return candidate_scores <= self.ratio * positive_scores.unsqueeze(1)
+
+
+@hookimpl
+def conan_search_backends():
+    table = {"torch": TorchSearch}
+    if importlib.util.find_spec("faiss") is not None:
+        table["faiss"] = FaissSearch
+    return table
+
+
+@hookimpl
+def conan_negative_filters():
+    return {"positive_ratio": PositiveRatioFilter}

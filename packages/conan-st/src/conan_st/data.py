@@ -1,0 +1,142 @@
+"""Datasets for conan-st: task-balanced training sets and loaders for ``../shared/data/text``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+STS_COLUMNS = ("sentence1", "sentence2", "score")
+
+
+def default_data_dir() -> Path:
+    """``$CONAN_DATA_DIR``, else ``../shared/data`` relative to the working directory."""
+    path = Path(os.environ.get("CONAN_DATA_DIR", Path.cwd().parent / "shared" / "data"))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data folder not found: {path}. Point CONAN_DATA_DIR at the shared data folder "
+            "(the one holding text/pairs and text/retrieval)."
+        )
+    return path
+
+
+def negative_columns(columns: list[str]) -> list[str]:
+    return [c for c in columns if c == "negative" or c.startswith("negative_")]
+
+
+def check_retrieval_columns(dataset: Dataset, name: str = "retrieval") -> list[str]:
+    """Columns must be anchor, positive, then negative columns; returns the negative columns."""
+    cols = list(dataset.column_names)
+    negs = negative_columns(cols)
+    missing = [c for c in ("anchor", "positive") if c not in cols]
+    extra = [c for c in cols if c not in ("anchor", "positive", *negs)]
+    if missing or extra:
+        raise ValueError(
+            f"{name} dataset must have columns anchor, positive, negative_1..negative_m; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    if cols[:2] != ["anchor", "positive"]:
+        raise ValueError(f"{name} dataset columns must start with anchor, positive; got {cols}")
+    return negs
+
+
+def check_sts(dataset: Dataset, score_range: tuple[float, float] | None = (0.0, 5.0)) -> None:
+    cols = list(dataset.column_names)
+    if sorted(cols) != sorted(STS_COLUMNS):
+        missing = [c for c in STS_COLUMNS if c not in cols]
+        extra = [c for c in cols if c not in STS_COLUMNS]
+        raise ValueError(
+            f"sts dataset must have columns sentence1, sentence2, score; missing {missing}, unexpected {extra}"
+        )
+    if score_range is not None:
+        scores = dataset["score"]
+        bad = [s for s in scores if s is None or math.isnan(s) or not score_range[0] <= s <= score_range[1]]
+        if bad:
+            raise ValueError(f"sts scores must lie in {score_range}; {len(bad)} do not, e.g. {bad[:3]}")
+
+
+def make_balanced_datasets(
+    retrieval: Dataset, sts: Dataset, sts_score_range: tuple[float, float] | None = (0.0, 5.0)
+) -> DatasetDict:
+    """Two task datasets with ONE set of columns, so a batch can hold rows of both.
+
+    Columns: ``anchor, positive, negative_1..m, sentence1, sentence2, score``. Retrieval rows
+    have empty STS texts and ``score = NaN``; STS rows have empty retrieval texts. The loss
+    tells the rows apart by the NaN and embeds each column only for its own rows.
+    """
+    negs = check_retrieval_columns(retrieval)
+    check_sts(sts, sts_score_range)
+    if len(retrieval) == 0 or len(sts) == 0:
+        raise ValueError(f"each task needs data: {len(retrieval)} retrieval rows, {len(sts)} sts rows")
+    r = retrieval.to_dict()
+    n_r, n_s = len(retrieval), len(sts)
+    ret_cols = {"anchor": r["anchor"], "positive": r["positive"], **{c: r[c] for c in negs}}
+    ret_rows = {**ret_cols, "sentence1": [""] * n_r, "sentence2": [""] * n_r, "score": [math.nan] * n_r}
+    s = sts.to_dict()
+    sts_rows = {
+        **{c: [""] * n_s for c in ret_cols},
+        "sentence1": s["sentence1"],
+        "sentence2": s["sentence2"],
+        "score": [float(x) for x in s["score"]],
+    }
+    return DatasetDict({"retrieval": Dataset.from_dict(ret_rows), "sts": Dataset.from_dict(sts_rows)})
+
+
+# ----------------------------------------------------------------------------- shared data loaders
+
+
+def load_sts(path: str | Path) -> Dataset:
+    """An STS/pair TSV (``sentence1 \\t sentence2 \\t score``, no header)."""
+    rows = {"sentence1": [], "sentence2": [], "score": []}
+    with open(path, encoding="utf-8", newline="") as f:
+        for line in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(line) < 3:
+                continue
+            rows["sentence1"].append(line[0])
+            rows["sentence2"].append(line[1])
+            rows["score"].append(float(line[2]))
+    if not rows["score"]:
+        raise ValueError(f"no rows read from {path}")
+    return Dataset.from_dict(rows)
+
+
+def load_beir(
+    folder: str | Path, split: str
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """(corpus id → text, query id → text, qrels query id → {doc id: relevance}) of one split."""
+    folder = Path(folder)
+    corpus = {}
+    with open(folder / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            corpus[d["_id"]] = (d.get("title", "") + " " + d["text"]).strip() if d.get("title") else d["text"]
+    qrels: dict[str, dict[str, int]] = {}
+    with open(folder / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            qid, did, score = line.rstrip("\n").split("\t")
+            if int(float(score)) > 0:
+                qrels.setdefault(qid, {})[did] = int(float(score))
+    queries = {}
+    with open(folder / "queries.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if d["_id"] in qrels:
+                queries[d["_id"]] = d["text"]
+    return corpus, queries, qrels
+
+
+def retrieval_pairs(folder: str | Path, split: str = "train") -> Dataset:
+    """(anchor, positive) pairs from a BEIR folder, one row per (query, relevant doc)."""
+    corpus, queries, qrels = load_beir(folder, split)
+    anchors, positives = [], []
+    for qid, docs in qrels.items():
+        for did in docs:
+            if did in corpus:
+                anchors.append(queries[qid])
+                positives.append(corpus[did])
+    return Dataset.from_dict({"anchor": anchors, "positive": positives})

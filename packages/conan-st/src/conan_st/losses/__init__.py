@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from .cross_gpu_balancing import CrossGPUBalancingLoss
+
+__all__ = ["CrossGPUBalancingLoss"]

@@ -1,0 +1,324 @@
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+from torch import Tensor, nn
+
+import shared_dist
+from shared_dist import DistributedOperationError
+
+from ..layout import TaskLayout
+
+
+class CrossGPUBalancingLoss(nn.Module):
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        scale: float = 20.0,
+        sts_weight: float = 0.8,
+        sts_scale: float = 20.0,
+        in_batch_negatives: bool = True,
+        retrieval_ranks: int | None = None,
+        sts_score_range: tuple[float, float] | None = (0.0, 5.0),
+        return_dict: bool = True,
+    ) -> None:
+        r"""
+        The Cross-GPU Batch Balance loss of Conan-embedding: every optimisation step carries a
+        retrieval task AND an STS task, and retrieval queries see the hard negatives of every GPU.
+
+        On ``W`` processes, ranks ``0..R-1`` hold the SAME (query, positive) rows and DIFFERENT
+        slices of the hard negatives; only the negatives are gathered (gathering positives too
+        would make a query's own positive a false negative ``R - 1`` times), so each query is
+        scored against all of its ``m`` negatives. The other ranks compute CoSENT on their own
+        STS batches. On one process a batch holds both tasks. The loss is
+
+            L = InfoNCE(q, p⁺, negatives of all ranks) + β · CoSENT,
+
+        and the per-rank terms are weighted so that, after DDP averages gradients over ``W``
+        ranks, the gradient is exactly that of ``L`` (STS averaged over the ranks that hold STS).
+
+        Args:
+            model: SentenceTransformer model.
+            scale: inverse temperature of the InfoNCE logits (20 = τ 0.05, as in MNRL).
+            sts_weight: β, weight of the CoSENT term (0.8 in the paper).
+            sts_scale: inverse temperature of CoSENT (20 = τ 0.05).
+            in_batch_negatives: also score each query against the other queries' positives and
+                negatives (as MultipleNegativesRankingLoss does). With False a query sees only
+                its own positive and its own ``m`` negatives.
+            retrieval_ranks: R, the ranks that run retrieval when ``W > 1`` (default ``W - 1``,
+                or ``W`` when there is one process). With ``R == W`` every rank also takes an
+                STS batch. Must agree with :class:`~conan_st.TaskBalancedBatchSampler`.
+            sts_score_range: declared (min, max) of STS scores; scores outside raise. None: no check.
+            return_dict: return ``{"retrieval": ..., "sts": ...}`` so the trainer logs each term.
+                Inside :class:`MatryoshkaLoss` (which adds up scalar losses) the sum is returned.
+
+        References:
+            - Li et al., Conan-embedding: General Text Embedding with More and Better Negative
+              Samples, 2024. https://arxiv.org/abs/2408.15710 (section 3.3, Cross-GPU Batch Balance Loss)
+            - Su, CoSENT, 2022. https://kexue.fm/archives/8847
+
+        Requirements:
+            1. Batches that mix retrieval rows and STS rows in one set of columns, as built by
+               :func:`conan_st.make_balanced_datasets` and served by
+               :class:`conan_st.TaskBalancedBatchSampler`; or plain retrieval rows with no score.
+            2. ``m`` (the number of negative columns) divisible by R.
+
+        Inputs:
+            +--------------------------------------------------------------------------+-----------------------------+
+            | Texts                                                                    | Labels                      |
+            +==========================================================================+=============================+
+            | (anchor, positive, negative_1, ..., negative_m, sentence1, sentence2)    | score: NaN on retrieval     |
+            |                                                                          | rows, similarity on STS rows|
+            +--------------------------------------------------------------------------+-----------------------------+
+            | (anchor, positive, negative_1, ..., negative_m)                          | none                        |
+            +--------------------------------------------------------------------------+-----------------------------+
+
+        Relations:
+            - :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss` with
+              ``gather_across_devices=True`` gathers queries, positives and negatives of
+              DIFFERENT queries per rank; this loss shares queries across retrieval ranks and
+              gathers only negatives, and adds the STS task to every step.
+            - :class:`~sentence_transformers.losses.CoSENTLoss` computes the STS term.
+
+        Example:
+            ::
+
+                from datasets import Dataset
+                from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+                from sentence_transformers import SentenceTransformerTrainingArguments
+                from conan_st import CrossGPUBalancingLoss, TaskBalancedBatchSampler, make_balanced_datasets
+
+                model = SentenceTransformer("all-MiniLM-L6-v2")
+                retrieval = Dataset.from_dict({
+                    "anchor": ["what is the capital of France?", "who wrote Hamlet?"],
+                    "positive": ["Paris is the capital of France.", "Hamlet is a play by Shakespeare."],
+                    "negative_1": ["Lyon is a city in France.", "Macbeth is a Scottish king."],
+                })
+                sts = Dataset.from_dict({
+                    "sentence1": ["A man plays guitar.", "A cat sleeps."],
+                    "sentence2": ["Someone plays an instrument.", "A dog runs."],
+                    "score": [4.2, 0.4],
+                })
+                train = make_balanced_datasets(retrieval, sts)
+                args = SentenceTransformerTrainingArguments(
+                    output_dir="out", per_device_train_batch_size=2,
+                    multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(
+                        retrieval_batch_size=2, sts_batch_size=2),
+                )
+                trainer = SentenceTransformerTrainer(
+                    model=model, args=args, train_dataset=train, loss=CrossGPUBalancingLoss(model),
+                )
+                trainer.train()
+        """
+        super().__init__()
+        if not scale > 0 or not sts_scale > 0:
+            raise ValueError(f"scale and sts_scale must be > 0, got {scale} and {sts_scale}")
+        if sts_weight < 0:
+            raise ValueError(f"sts_weight must be >= 0, got {sts_weight}")
+        if sts_score_range is not None and not sts_score_range[0] < sts_score_range[1]:
+            raise ValueError(f"sts_score_range must be (min, max) with min < max, got {sts_score_range}")
+        self.model = model
+        self.scale = scale
+        self.sts_weight = sts_weight
+        self.sts_scale = sts_scale
+        self.in_batch_negatives = in_batch_negatives
+        self.retrieval_ranks = retrieval_ranks
+        self.sts_score_range = sts_score_range
+        self.return_dict = return_dict
+        self.cosent = CoSENTLoss(model, scale=sts_scale)
+
+    # ------------------------------------------------------------------ embedding
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Any:
+        features = list(sentence_features)
+        layout = TaskLayout.current(self.retrieval_ranks)
+        ret_rows, sts_rows = self._split_rows(features, labels)
+        n_sts_cols = 2 if labels is not None else 0
+        ret_feats, sts_feats = features[: len(features) - n_sts_cols], features[len(features) - n_sts_cols :]
+        if len(ret_feats) < 2:
+            raise ValueError(
+                f"expected columns (anchor, positive, negative_1..m[, sentence1, sentence2]), got {len(features)} columns"
+            )
+        negs = ret_feats[2:]
+        if len(negs) % layout.retrieval_ranks:
+            raise ValueError(
+                f"the {len(negs)} negative columns must split evenly over retrieval_ranks={layout.retrieval_ranks}"
+            )
+        per_rank = len(negs) // layout.retrieval_ranks
+        if layout.is_retrieval_rank and layout.retrieval_ranks > 1:
+            k = layout.rank
+            negs = negs[k * per_rank : (k + 1) * per_rank]  # this rank's slice of the negatives
+        columns = [_select_rows(f, ret_rows) for f in ret_feats[:2] + negs]
+        sts_columns = [_select_rows(f, sts_rows) for f in sts_feats]
+
+        embeddings: list[Tensor] = []
+        if ret_rows.any():
+            embeddings += embed_columns(self.model, columns)
+        if sts_rows.any():
+            embeddings += embed_columns(self.model, sts_columns, separate_first=False)
+        scores = labels[sts_rows] if labels is not None else None
+        n_ret = len(columns) if ret_rows.any() else 0
+        dim = embeddings[0].shape[-1] if embeddings else self.model.get_embedding_dimension()
+        return self.compute_loss_from_embeddings(
+            embeddings[:n_ret], embeddings[n_ret:], scores, num_negatives=per_rank, dim=dim
+        )
+
+    def _split_rows(self, features: list[dict[str, Tensor]], labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        rows = _batch_size(features[0])
+        device = features[0]["input_ids"].device if "input_ids" in features[0] else None
+        if labels is None:
+            return torch.ones(rows, dtype=torch.bool, device=device), torch.zeros(
+                rows, dtype=torch.bool, device=device
+            )
+        labels = labels.float()
+        sts = ~torch.isnan(labels)
+        if self.sts_score_range is not None and sts.any():
+            lo, hi = self.sts_score_range
+            bad = labels[sts][(labels[sts] < lo) | (labels[sts] > hi)]
+            if bad.numel():
+                raise ValueError(
+                    f"STS scores must lie in sts_score_range={self.sts_score_range}, got {bad.tolist()[:5]}"
+                )
+        return ~sts, sts
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss_from_embeddings(
+        self,
+        retrieval: list[Tensor],
+        sts: list[Tensor],
+        scores: Tensor | None,
+        num_negatives: int | None = None,
+        dim: int | None = None,
+    ) -> Any:
+        """The loss from embeddings.
+
+        Args:
+            retrieval: ``[anchor, positive, negative_1..negative_j]`` embeddings of this rank's
+                retrieval rows, each (B, D); empty when this rank has no retrieval rows.
+            sts: ``[sentence1, sentence2]`` embeddings of this rank's STS rows, each (S, D), or empty.
+            scores: (S,) STS scores.
+            num_negatives: j, negatives per query on this rank (for ranks without retrieval rows).
+            dim: embedding size D (for ranks without retrieval rows).
+        """
+        layout = TaskLayout.current(self.retrieval_ranks)
+        ref = (retrieval or sts or [None])[0]
+        if ref is None:
+            raise ValueError("a batch with neither retrieval nor STS rows")
+        zero = ref.sum() * 0.0  # keeps every rank's graph connected to the model
+        ret_loss = self._retrieval_loss(retrieval, layout, num_negatives, dim or ref.shape[-1], zero)
+        sts_loss = zero
+        if sts:
+            sts_loss = self.cosent.compute_loss_from_embeddings(sts, scores)
+        out = {
+            "retrieval": ret_loss * layout.retrieval_weight,
+            "sts": sts_loss * self.sts_weight * layout.sts_weight,
+        }
+        if self.return_dict and not _inside_matryoshka(self.model):
+            return out
+        return out["retrieval"] + out["sts"]
+
+    def _retrieval_loss(self, retrieval, layout: TaskLayout, num_negatives, dim: int, zero: Tensor) -> Tensor:
+        if retrieval:
+            q, p, negs = retrieval[0], retrieval[1], retrieval[2:]
+            b, j = q.shape[0], len(negs)
+            local = (
+                torch.stack(negs, 1).reshape(b * j, -1) if j else q.new_zeros((0, q.shape[-1]))
+            )  # (B*j, D)
+        else:
+            # a rank without retrieval rows still joins the collective, with no rows
+            q = p = None
+            b, j = 0, num_negatives or 0
+            local = zero.new_zeros((0, dim)) + zero
+        if layout.world_size > 1:
+            gathered, offsets = shared_dist.gather(local, return_offsets=True)  # (R*B*j, D)
+            counts = [offsets[r + 1] - offsets[r] for r in range(layout.world_size)]
+            ret_counts = counts[: layout.retrieval_ranks]
+            if len(set(ret_counts)) > 1 or any(counts[layout.retrieval_ranks :]):
+                table = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+                raise DistributedOperationError(
+                    "retrieval ranks must hold the same queries and the same number of negatives "
+                    f"(rows of negatives per rank: {table})"
+                )
+        else:
+            gathered = local
+        if q is None:
+            # no queries here, but the backward pass of the gather is a collective too: keep
+            # this rank's graph through it so every rank joins the reduce-scatter
+            return zero + gathered.sum() * 0.0
+        # (B, j) own negatives on each of the R retrieval ranks, rank-major: index k*B*j + i*j + t
+        sim_pos = _cos(q, p)  # (B, B)
+        sim_neg = _cos(q, gathered)  # (B, R*B*j)
+        rows = torch.arange(b, device=q.device)
+        if self.in_batch_negatives:
+            logits = torch.cat([sim_pos, sim_neg], 1) * self.scale
+            return nn.functional.cross_entropy(logits, rows)
+        r = gathered.shape[0] // max(b * j, 1)
+        own = sim_neg.view(b, r, b, j)[rows, :, rows]  # (B, R, j): query i vs its own negatives
+        logits = torch.cat([sim_pos[rows, rows].unsqueeze(1), own.reshape(b, r * j)], 1) * self.scale
+        return nn.functional.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=q.device))
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "sts_weight": self.sts_weight,
+            "sts_scale": self.sts_scale,
+            "in_batch_negatives": self.in_batch_negatives,
+            "retrieval_ranks": self.retrieval_ranks,
+            "sts_score_range": self.sts_score_range,
+        }
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    @property
+    def citation(self) -> str:
+        return """
+@misc{li2024conanembedding,
+      title={Conan-embedding: General Text Embedding with More and Better Negative Samples},
+      author={Shiyu Li and Yang Tang and Shizhe Chen and Xi Chen},
+      year={2024},
+      eprint={2408.15710},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2408.15710},
+}
+"""
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).T
+
+
+def _batch_size(feature: dict[str, Any]) -> int:
+    for v in feature.values():
+        if isinstance(v, Tensor) and v.dim() >= 1:
+            return v.shape[0]
+    raise ValueError("could not infer the batch size of a feature column")
+
+
+def _select_rows(feature: dict[str, Any], rows: Tensor) -> dict[str, Any]:
+    """Keep ``rows`` of every batch tensor and trim padding columns no kept row uses."""
+    n = rows.shape[0]
+    out = {
+        k: (v[rows] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v)
+        for k, v in feature.items()
+    }
+    mask = out.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] and mask.any():
+        width = int(mask.any(0).nonzero().max()) + 1  # last column any row uses (right padding)
+        for k, v in out.items():
+            if isinstance(v, Tensor) and v.dim() == 2 and v.shape == mask.shape:
+                out[k] = v[:, :width]
+    return out
+
+
+def _inside_matryoshka(model: nn.Module) -> bool:
+    """MatryoshkaLoss swaps the model's forward for its ForwardDecorator and adds up scalars."""
+    return type(getattr(model, "forward", None)).__name__ == "ForwardDecorator"

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import CMStochasticIterativeScheduler
+from scipy.stats import norm
+
+from rrcm_diffusers import RRCMPipeline, certify, predict
+from rrcm_diffusers.certification import ABSTAIN, average_certified_radius, certified_accuracy
+from tests.rrcm.conftest import tiny_model
+
+
+def constant(k: int = 3, cls: int = 1):
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], k)
+        out[:, cls] = 1.0
+        return out
+
+    return f
+
+
+def alternating(x: torch.Tensor) -> torch.Tensor:
+    """Row i votes class i % 2: with even batches, an exact tie."""
+    out = torch.zeros(x.shape[0], 2)
+    out[torch.arange(x.shape[0]), torch.arange(x.shape[0]) % 2] = 1.0
+    return out
+
+
+def bernoulli(p: float, sigma: float):
+    """Votes class 0 with probability exactly p under the smoothing noise (image = 0.5)."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        z = (x[:, 0, 0, 0] - 0.5) / sigma  # ~ N(0, 1)
+        first = torch.as_tensor(norm.cdf(z.numpy())) < p
+        return torch.stack([first.float(), (~first).float()], 1)
+
+    return f
+
+
+@pytest.mark.parametrize("n,factor", [(100_000, 3.8115), (10_000, 3.20), (1_000, 2.46)])
+def test_largest_radius_for_unanimous_votes(n, factor):
+    sigma = 0.5
+    res = certify(constant(), torch.rand(1, 1, 4, 4), sigma, n0=100, n=n, batch_size=20_000)
+    assert res.predictions.tolist() == [1]
+    assert res.radii.item() == pytest.approx(factor * sigma, abs=0.005 * sigma)
+
+
+def test_constant_classifier_never_abstains():
+    imgs = torch.rand(5, 1, 4, 4)
+    assert predict(constant(cls=2), imgs, 0.25, num_samples=20).predictions.tolist() == [2] * 5
+    assert certify(constant(cls=2), imgs, 0.25, n0=10, n=50).predictions.tolist() == [2] * 5
+
+
+def test_predict_abstains_on_exact_tie():
+    res = predict(alternating, torch.rand(2, 1, 4, 4), 0.5, num_samples=1000, batch_size=100)
+    assert res.counts.tolist() == [[500, 500], [500, 500]]
+    assert res.predictions.tolist() == [ABSTAIN, ABSTAIN]
+
+
+def test_certificate_is_statistically_sound():
+    """The lower bound exceeds the true p_A at most at rate alpha (plus sampling slack)."""
+    p, sigma, alpha, repeats, n = 0.8, 0.5, 0.1, 400, 200
+    imgs = torch.full((repeats, 1, 2, 2), 0.5)
+    res = certify(
+        bernoulli(p, sigma),
+        imgs,
+        sigma,
+        n0=20,
+        n=n,
+        alpha=alpha,
+        batch_size=n,
+        generator=torch.Generator().manual_seed(0),
+    )
+    over = (res.p_lower > p).float().mean().item()
+    assert over <= alpha + 3 * (alpha * (1 - alpha) / repeats) ** 0.5
+    # and not vacuous: the bound is close to p on average
+    assert p - 0.1 < res.p_lower.mean().item() < p
+    # the radius is the formula applied to the bound
+    ok = res.predictions == 0
+    torch.testing.assert_close(res.radii[ok], sigma * torch.as_tensor(norm.ppf(res.p_lower[ok].numpy())))
+
+
+def _pipeline(seed: int = 0) -> RRCMPipeline:
+    model = tiny_model(seed, num_classes=10, projection_dim=0).eval()
+    sched = CMStochasticIterativeScheduler(
+        num_train_timesteps=81, sigma_min=0.002, sigma_max=80, sigma_data=0.5, rho=7
+    )
+    pipe = RRCMPipeline(model=model, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_certify_is_invariant_to_batch_size():
+    pipe = _pipeline()
+    imgs = torch.rand(2, 1, 28, 28)
+    outs = [
+        pipe.certify(imgs, 0.5, n0=20, n=300, batch_size=bs, generator=torch.Generator().manual_seed(3))
+        for bs in (300, 64, 7)
+    ]
+    for o in outs[1:]:
+        assert torch.equal(o.counts, outs[0].counts) and torch.equal(o.radii, outs[0].radii)
+    again = pipe.certify(imgs, 0.5, n0=20, n=300, batch_size=64, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(again.p_lower, outs[0].p_lower)  # other noise, other counts
+
+
+def test_pipeline_save_load_gives_identical_certificates(tmp_path):
+    pipe = _pipeline()
+    imgs = torch.rand(3, 1, 28, 28)
+    a = pipe.certify(imgs, 0.25, n0=10, n=200, batch_size=100, generator=torch.Generator().manual_seed(0))
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = RRCMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    b = loaded.certify(imgs, 0.25, n0=10, n=200, batch_size=100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.predictions, b.predictions) and torch.equal(a.radii, b.radii)
+    c = loaded(imgs, 0.25, num_samples=100, generator=torch.Generator().manual_seed(0))
+    d = pipe(imgs, 0.25, num_samples=100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(c.counts, d.counts)
+
+
+def test_certified_accuracy_and_acr():
+    from rrcm_diffusers.certification import CertifyResult
+
+    res = CertifyResult(
+        torch.tensor([0, 1, ABSTAIN, 2]),
+        torch.tensor([0.6, 0.2, 0.0, 1.0], dtype=torch.float64),
+        torch.zeros(4, dtype=torch.float64),
+        torch.zeros(4, dtype=torch.long),
+    )
+    labels = torch.tensor([0, 1, 1, 0])
+    assert certified_accuracy(res, labels, [0.0, 0.5, 1.0]) == [0.5, 0.25, 0.0]
+    assert average_certified_radius(res, labels) == pytest.approx((0.6 + 0.2) / 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sigma=0.0), "sigma must be > 0"),
+        (dict(sigma=-1.0), "sigma must be > 0"),
+        (dict(n0=200, n=100), "n0 .* must not exceed n"),
+        (dict(n0=0), "n0 and n must be > 0"),
+        (dict(n=-5, n0=1), "n0 and n must be > 0"),
+        (dict(alpha=0.0), r"alpha must be in \(0, 1\)"),
+        (dict(alpha=1.5), r"alpha must be in \(0, 1\)"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(images=torch.rand(2, 1, 28, 28) * 2), r"images must lie in \[0, 1\]"),
+        (dict(images=torch.rand(2, 3, 28, 28)), r"images must have shape \(N, 1, 28, 28\)"),
+        (dict(images=torch.rand(2, 1, 32, 32)), r"images must have shape"),
+    ],
+)
+def test_bad_certify_input(kwargs, match):
+    pipe = _pipeline()
+    args = dict(images=torch.rand(2, 1, 28, 28), sigma=0.5, n0=10, n=100, batch_size=50)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        pipe.certify(**args)
+
+
+def test_bad_predict_input():
+    pipe = _pipeline()
+    with pytest.raises(ValueError, match="num_samples must be > 0"):
+        pipe(torch.rand(1, 1, 28, 28), 0.5, num_samples=0)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        pipe(torch.rand(1, 1, 28, 28), 0.0)
