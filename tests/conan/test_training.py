@@ -1,0 +1,219 @@
+"""conan-st through the real sentence-transformers paths: trainer, fit(), MatryoshkaLoss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.base.data_collator import BaseDataCollator
+from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
+
+import shared_dist
+from conan_st import CrossGPUBalancingLoss, TaskBalancedBatchSampler, make_balanced_datasets
+from shared_dist.testing import launch
+
+QUERIES = [f"question number {i} about topic {i % 5}" for i in range(12)]
+DOCS = [f"document {i} answers the question about topic {i % 5} with detail {i}" for i in range(12)]
+
+
+def retrieval_ds(n=12, m=2) -> Dataset:
+    cols = {"anchor": QUERIES[:n], "positive": DOCS[:n]}
+    for t in range(1, m + 1):
+        cols[f"negative_{t}"] = [DOCS[(i + t) % n] for i in range(n)]
+    return Dataset.from_dict(cols)
+
+
+def sts_ds(n=10) -> Dataset:
+    return Dataset.from_dict(
+        {
+            "sentence1": [f"a person is doing activity {i}" for i in range(n)],
+            "sentence2": [f"someone does activity {i if i % 2 else i + 1}" for i in range(n)],
+            "score": [5.0 if i % 2 else 1.0 for i in range(n)],
+        }
+    )
+
+
+def collate(model, rows: list[dict]):
+    batch = BaseDataCollator(preprocess_fn=model.preprocess)(rows)
+    feats = []
+    for col in [c for c in rows[0] if c != "score"]:
+        feats.append({k[len(col) + 1 :]: v for k, v in batch.items() if k.startswith(col + "_")})
+    return feats, batch.get("label")
+
+
+def mixed_rows(n_ret=3, n_sts=4):
+    dd = make_balanced_datasets(retrieval_ds(), sts_ds())
+    return [dd["retrieval"][i] for i in range(n_ret)] + [dd["sts"][i] for i in range(n_sts)]
+
+
+def test_forward_embeds_each_task_on_its_own_rows(minilm):
+    feats, labels = collate(minilm, mixed_rows())
+    loss = CrossGPUBalancingLoss(minilm)
+    out = loss(feats, labels)
+    # reference: embed the texts directly and call the embedding-level loss
+    enc = lambda texts: minilm.encode(texts, convert_to_tensor=True)  # noqa: E731
+    rows = mixed_rows()
+    ret, sts = rows[:3], rows[3:]
+    e = [enc([r[c] for r in ret]) for c in ("anchor", "positive", "negative_1", "negative_2")]
+    s = [enc([r[c] for r in sts]) for c in ("sentence1", "sentence2")]
+    ref = loss.compute_loss_from_embeddings(e, s, torch.tensor([r["score"] for r in sts]))
+    torch.testing.assert_close(out["retrieval"].detach(), ref["retrieval"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["sts"].detach(), ref["sts"], rtol=1e-4, atol=1e-5)
+
+
+def test_matryoshka_wrapping(minilm):
+    feats, labels = collate(minilm, mixed_rows())
+    inner = CrossGPUBalancingLoss(minilm)
+    dims = [384, 64]
+    total = MatryoshkaLoss(minilm, inner, matryoshka_dims=dims)(feats, labels)
+    assert total.dim() == 0 and total.requires_grad
+    rows = mixed_rows()
+    ret, sts = rows[:3], rows[3:]
+    enc = lambda texts, d: minilm.encode(texts, convert_to_tensor=True)[:, :d]  # noqa: E731
+    expect = 0.0
+    for d in dims:
+        e = [enc([r[c] for r in ret], d) for c in ("anchor", "positive", "negative_1", "negative_2")]
+        s = [enc([r[c] for r in sts], d) for c in ("sentence1", "sentence2")]
+        out = inner.compute_loss_from_embeddings(e, s, torch.tensor([r["score"] for r in sts]))
+        expect += float(out["retrieval"] + out["sts"])
+    assert total.item() == pytest.approx(expect, rel=1e-4)
+
+
+def test_trainer_every_step_carries_both_tasks(fresh_minilm, tmp_path):
+    minilm = fresh_minilm
+    seen = []
+    loss = CrossGPUBalancingLoss(minilm)
+    original = loss._split_rows
+
+    def spy(features, labels):
+        ret, sts = original(features, labels)
+        seen.append((int(ret.sum()), int(sts.sum())))
+        return ret, sts
+
+    loss._split_rows = spy
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        disable_tqdm=True,
+        learning_rate=1e-5,
+        multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(
+            retrieval_batch_size=4, sts_batch_size=6
+        ),
+    )
+    trainer = SentenceTransformerTrainer(
+        model=minilm, args=args, train_dataset=make_balanced_datasets(retrieval_ds(), sts_ds()), loss=loss
+    )
+    trainer.train()
+    assert seen == [(4, 6)] * 3
+    logged = [h for h in trainer.state.log_history if "retrieval" in h]
+    assert len(logged) == 3 and all("sts" in h and math.isfinite(h["retrieval"]) for h in logged)
+
+
+def test_fit_path_trains(fresh_minilm, tmp_path, monkeypatch):
+    from sentence_transformers.sentence_transformer.readers import InputExample
+    from torch.utils.data import DataLoader
+
+    monkeypatch.chdir(tmp_path)  # fit() writes checkpoints/ into the working directory
+    model = fresh_minilm
+    rows = mixed_rows(3, 4)
+    examples = []
+    for r in rows:
+        texts = [r["anchor"], r["positive"], r["negative_1"], r["negative_2"], r["sentence1"], r["sentence2"]]
+        examples.append(InputExample(texts=texts, label=r["score"]))
+    loss = CrossGPUBalancingLoss(model)
+    feats, labels = collate(model, rows)
+    model.eval()  # compare without dropout
+    with torch.no_grad():
+        before = sum(loss(feats, labels).values()).item()
+    model.fit(
+        train_objectives=[(DataLoader(examples, batch_size=7, shuffle=False), loss)],
+        epochs=10,
+        warmup_steps=0,
+        optimizer_params={"lr": 2e-4},
+        show_progress_bar=False,
+    )
+    model.eval()
+    with torch.no_grad():
+        after = sum(loss(*collate(model, rows)).values()).item()
+    assert after < 0.7 * before, (before, after)
+
+
+# ------------------------------------------------------------------ sampler layout
+
+
+def _w_sampler(retrieval_ranks):
+    dd = make_balanced_datasets(retrieval_ds(n=8), sts_ds(n=5))
+    concat = ConcatDataset([dd["retrieval"], dd["sts"]])
+    stub = [BatchSampler(SequentialSampler(range(len(d))), 2, True) for d in (dd["retrieval"], dd["sts"])]
+    sampler = TaskBalancedBatchSampler(
+        concat, stub, retrieval_batch_size=2, sts_batch_size=3, retrieval_ranks=retrieval_ranks
+    )
+    return {"batches": list(sampler), "len": len(sampler), "world": shared_dist.get_world_size()}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,r", [(3, 2), (2, 2)])
+def test_sampler_layout_on_several_ranks(world, r):
+    res = launch(_w_sampler, world, (r,), timeout=60)
+    assert res[0]["batches"] == res[1]["batches"]  # every rank builds the same stream
+    batches, n_ret = res[0]["batches"], 8
+    assert len(batches) == res[0]["len"] == 4 * world
+    for step in range(4):
+        group = batches[step * world : (step + 1) * world]
+        ret = [[i for i in b if i < n_ret] for b in group]
+        sts = [[i for i in b if i >= n_ret] for b in group]
+        assert all(x == ret[0] and len(x) == 2 for x in ret[:r])  # same queries on retrieval ranks
+        assert all(not x for x in ret[r:])
+        carriers = range(world) if r == world else range(r, world)
+        assert all(len(sts[k]) == 3 for k in carriers)
+        assert all(not sts[k] for k in range(world) if k not in carriers)
+
+
+def test_sampler_single_process_mixes_both_tasks():
+    res = _w_sampler(None)
+    for b in res["batches"]:
+        assert len([i for i in b if i < 8]) == 2 and len([i for i in b if i >= 8]) == 3
+    assert len(res["batches"]) == 4
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "retrieval,sts,match",
+    [
+        (retrieval_ds().remove_columns("positive"), sts_ds(), r"missing \['positive'\]"),
+        (retrieval_ds().add_column("extra", ["x"] * 12), sts_ds(), r"unexpected \['extra'\]"),
+        (retrieval_ds(), sts_ds().rename_column("score", "sim"), r"missing \['score'\]"),
+        (
+            retrieval_ds(),
+            Dataset.from_dict({"sentence1": ["a"], "sentence2": ["b"], "score": [7.0]}),
+            r"scores must lie in \(0.0, 5.0\)",
+        ),
+        (retrieval_ds(), sts_ds().select([]), "each task needs data"),
+    ],
+)
+def test_bad_datasets(retrieval, sts, match):
+    with pytest.raises(ValueError, match=match):
+        make_balanced_datasets(retrieval, sts)
+
+
+def test_bad_loss_input(minilm):
+    rows = mixed_rows()
+    feats, labels = collate(minilm, rows)
+    with pytest.raises(ValueError, match=r"STS scores must lie in sts_score_range=\(0.0, 1.0\)"):
+        CrossGPUBalancingLoss(minilm, sts_score_range=(0.0, 1.0))(feats, labels)
+    with pytest.raises(ValueError, match=r"retrieval_ranks must be in \[1, 1\]"):
+        CrossGPUBalancingLoss(minilm, retrieval_ranks=2)(feats, labels)
+    with pytest.raises(ValueError, match="expected columns"):
+        CrossGPUBalancingLoss(minilm)(feats[:1] + feats[-2:], labels)
+    with pytest.raises(ValueError, match="sts_weight must be >= 0"):
+        CrossGPUBalancingLoss(minilm, sts_weight=-1)
