@@ -85,7 +85,7 @@ def test_config_and_citation():
 
 
 def _w_grads(retrieval_ranks: int, m: int, sts_batches: list, negs_override=None):
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     enc = torch.nn.parallel.DistributedDataParallel(Encoder())
     q, p, negs, *_ = _inputs(m=m)
     loss = CrossGPUBalancingLoss(enc, retrieval_ranks=retrieval_ranks)
@@ -148,7 +148,7 @@ def _w_positive_gathering_would_hurt():
     """What the loss avoids: gathering positives from ranks sharing queries."""
     rank = dist.get_rank()
     enc = Encoder()
-    q, p, negs, *_ = _inputs(m=2)
+    q, p, *_ = _inputs(m=2)
     from shared_dist import gather
 
     pos_all = gather(enc(p).detach())  # (2B, D): every positive twice
