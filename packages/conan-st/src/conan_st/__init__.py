@@ -9,11 +9,22 @@
 
 from __future__ import annotations
 
+from .callbacks import DynamicHardNegativeMiningCallback
 from .data import make_balanced_datasets
 from .layout import TaskLayout
 from .losses import CrossGPUBalancingLoss
+from .mining import NegativeStore, dynamic_negatives_dataset, mine_candidates
 from .sampler import TaskBalancedBatchSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossGPUBalancingLoss", "TaskBalancedBatchSampler", "TaskLayout", "make_balanced_datasets"]
+__all__ = [
+    "CrossGPUBalancingLoss",
+    "DynamicHardNegativeMiningCallback",
+    "NegativeStore",
+    "TaskBalancedBatchSampler",
+    "TaskLayout",
+    "dynamic_negatives_dataset",
+    "make_balanced_datasets",
+    "mine_candidates",
+]

@@ -68,14 +68,25 @@ def make_balanced_datasets(
     have empty STS texts and ``score = NaN``; STS rows have empty retrieval texts. The loss
     tells the rows apart by the NaN and embeds each column only for its own rows.
     """
-    negs = check_retrieval_columns(retrieval)
     check_sts(sts, sts_score_range)
     if len(retrieval) == 0 or len(sts) == 0:
         raise ValueError(f"each task needs data: {len(retrieval)} retrieval rows, {len(sts)} sts rows")
-    r = retrieval.to_dict()
     n_r, n_s = len(retrieval), len(sts)
-    ret_cols = {"anchor": r["anchor"], "positive": r["positive"], **{c: r[c] for c in negs}}
-    ret_rows = {**ret_cols, "sentence1": [""] * n_r, "sentence2": [""] * n_r, "score": [math.nan] * n_r}
+    if "_example_id" in retrieval.column_names:
+        # negatives resolved per row from a NegativeStore: the transform already yields this schema
+        row = retrieval[0]
+        negs = negative_columns(list(row))
+        if list(row) != ["anchor", "positive", *negs, *STS_COLUMNS]:
+            raise ValueError("a dynamic-negatives dataset must be built with balanced=True")
+        ret_cols = {c: [""] for c in ("anchor", "positive", *negs)}
+        ret_out = retrieval
+    else:
+        negs = check_retrieval_columns(retrieval)
+        r = retrieval.to_dict()
+        ret_cols = {"anchor": r["anchor"], "positive": r["positive"], **{c: r[c] for c in negs}}
+        ret_out = Dataset.from_dict(
+            {**ret_cols, "sentence1": [""] * n_r, "sentence2": [""] * n_r, "score": [math.nan] * n_r}
+        )
     s = sts.to_dict()
     sts_rows = {
         **{c: [""] * n_s for c in ret_cols},
@@ -83,7 +94,7 @@ def make_balanced_datasets(
         "sentence2": s["sentence2"],
         "score": [float(x) for x in s["score"]],
     }
-    return DatasetDict({"retrieval": Dataset.from_dict(ret_rows), "sts": Dataset.from_dict(sts_rows)})
+    return DatasetDict({"retrieval": ret_out, "sts": Dataset.from_dict(sts_rows)})
 
 
 # ----------------------------------------------------------------------------- shared data loaders

@@ -11,6 +11,7 @@ from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset
 
 from .layout import TaskLayout
+from .mining import ID_LABEL_BASE
 
 
 class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
@@ -102,7 +103,8 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
 
 
 def _is_sts(dataset) -> bool:
-    if "score" not in dataset.column_names:
+    """STS rows carry a score; retrieval rows NaN or an example id (see ``conan_st.mining``)."""
+    if not len(dataset):
         return False
-    first = dataset[0]["score"] if len(dataset) else math.nan
-    return not (first is None or (isinstance(first, float) and math.isnan(first)))
+    first = dataset[0].get("score")
+    return first is not None and not math.isnan(first) and first > ID_LABEL_BASE + 0.5

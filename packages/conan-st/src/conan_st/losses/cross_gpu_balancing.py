@@ -13,6 +13,7 @@ import shared_dist
 from shared_dist import DistributedOperationError
 
 from ..layout import TaskLayout
+from ..mining import is_id_label, label_to_id
 
 
 class CrossGPUBalancingLoss(nn.Module):
@@ -131,6 +132,9 @@ class CrossGPUBalancingLoss(nn.Module):
         self.sts_score_range = sts_score_range
         self.return_dict = return_dict
         self.cosent = CoSENTLoss(model, scale=sts_scale)
+        # called as observer(example_ids (B,), mean cosine of each query to its own negatives (B,))
+        # for rows whose label carries an example id (see conan_st.mining); set by the mining callback
+        self.score_observer = None
 
     # ------------------------------------------------------------------ embedding
 
@@ -164,8 +168,16 @@ class CrossGPUBalancingLoss(nn.Module):
         scores = labels[sts_rows] if labels is not None else None
         n_ret = len(columns) if ret_rows.any() else 0
         dim = embeddings[0].shape[-1] if embeddings else self.model.get_embedding_dimension()
+        example_ids = None
+        if labels is not None and ret_rows.any() and is_id_label(labels[ret_rows].float()).all():
+            example_ids = label_to_id(labels[ret_rows].float())
         return self.compute_loss_from_embeddings(
-            embeddings[:n_ret], embeddings[n_ret:], scores, num_negatives=per_rank, dim=dim
+            embeddings[:n_ret],
+            embeddings[n_ret:],
+            scores,
+            num_negatives=per_rank,
+            dim=dim,
+            example_ids=example_ids,
         )
 
     def _split_rows(self, features: list[dict[str, Tensor]], labels: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -176,7 +188,7 @@ class CrossGPUBalancingLoss(nn.Module):
                 rows, dtype=torch.bool, device=device
             )
         labels = labels.float()
-        sts = ~torch.isnan(labels)
+        sts = ~(torch.isnan(labels) | is_id_label(labels))  # retrieval rows: NaN or an example id
         if self.sts_score_range is not None and sts.any():
             lo, hi = self.sts_score_range
             bad = labels[sts][(labels[sts] < lo) | (labels[sts] > hi)]
@@ -195,6 +207,7 @@ class CrossGPUBalancingLoss(nn.Module):
         scores: Tensor | None,
         num_negatives: int | None = None,
         dim: int | None = None,
+        example_ids: Tensor | None = None,
     ) -> Any:
         """The loss from embeddings.
 
@@ -205,13 +218,16 @@ class CrossGPUBalancingLoss(nn.Module):
             scores: (S,) STS scores.
             num_negatives: j, negatives per query on this rank (for ranks without retrieval rows).
             dim: embedding size D (for ranks without retrieval rows).
+            example_ids: (B,) ids of the retrieval rows, for ``score_observer``.
         """
         layout = TaskLayout.current(self.retrieval_ranks)
         ref = (retrieval or sts or [None])[0]
         if ref is None:
             raise ValueError("a batch with neither retrieval nor STS rows")
         zero = ref.sum() * 0.0  # keeps every rank's graph connected to the model
-        ret_loss = self._retrieval_loss(retrieval, layout, num_negatives, dim or ref.shape[-1], zero)
+        ret_loss = self._retrieval_loss(
+            retrieval, layout, num_negatives, dim or ref.shape[-1], zero, example_ids
+        )
         sts_loss = zero
         if sts:
             sts_loss = self.cosent.compute_loss_from_embeddings(sts, scores)
@@ -223,7 +239,9 @@ class CrossGPUBalancingLoss(nn.Module):
             return out
         return out["retrieval"] + out["sts"]
 
-    def _retrieval_loss(self, retrieval, layout: TaskLayout, num_negatives, dim: int, zero: Tensor) -> Tensor:
+    def _retrieval_loss(
+        self, retrieval, layout: TaskLayout, num_negatives, dim: int, zero: Tensor, example_ids=None
+    ) -> Tensor:
         if retrieval:
             q, p, negs = retrieval[0], retrieval[1], retrieval[2:]
             b, j = q.shape[0], len(negs)
@@ -255,11 +273,17 @@ class CrossGPUBalancingLoss(nn.Module):
         sim_pos = _cos(q, p)  # (B, B)
         sim_neg = _cos(q, gathered)  # (B, R*B*j)
         rows = torch.arange(b, device=q.device)
+        r = gathered.shape[0] // max(b * j, 1)
+        own = (
+            sim_neg.view(b, r, b, j)[rows, :, rows] if j else None
+        )  # (B, R, j): query i vs its own negatives
+        if self.score_observer is not None and example_ids is not None and own is not None:
+            # with MatryoshkaLoss, report only the full-size embeddings' scores
+            if q.shape[-1] == self.model.get_embedding_dimension():
+                self.score_observer(example_ids, own.detach().mean(dim=(1, 2)))
         if self.in_batch_negatives:
             logits = torch.cat([sim_pos, sim_neg], 1) * self.scale
             return nn.functional.cross_entropy(logits, rows)
-        r = gathered.shape[0] // max(b * j, 1)
-        own = sim_neg.view(b, r, b, j)[rows, :, rows]  # (B, R, j): query i vs its own negatives
         logits = torch.cat([sim_pos[rows, rows].unsqueeze(1), own.reshape(b, r * j)], 1) * self.scale
         return nn.functional.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=q.device))
 

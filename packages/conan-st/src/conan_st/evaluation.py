@@ -1,0 +1,162 @@
+"""mteb evaluation on the local data sets (no Hub): retrieval and STS tasks built from files.
+
+``local_tasks(data_dir)`` returns mteb tasks for CMRC2018 (zh retrieval), Cranfield (en
+retrieval), STS-B-zh and STS-B-en test splits; ``evaluate_models`` runs ``mteb.evaluate``
+on them and returns a tidy table. ``python -m conan_st.evaluation MODEL [MODEL ...]`` prints
+and writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.sts import AbsTaskSTS
+from mteb.abstasks.task_metadata import TaskMetadata
+
+from .data import default_data_dir, load_beir, load_sts
+
+_COMMON: dict[str, Any] = dict(
+    reference=None,
+    category="t2t",
+    eval_splits=["test"],
+    date=None,
+    domains=None,
+    task_subtypes=None,
+    license=None,
+    annotations_creators=None,
+    dialect=None,
+    modalities=["text"],
+    sample_creation=None,
+    bibtex_citation=None,
+)
+
+
+def _metadata(
+    name: str, description: str, path: Path, task_type: str, main_score: str, lang: str
+) -> TaskMetadata:
+    return TaskMetadata(
+        name=name,
+        description=description,
+        dataset={"path": str(path), "revision": "local"},
+        type=task_type,
+        eval_langs=[lang],
+        main_score=main_score,
+        **_COMMON,
+    )
+
+
+class LocalRetrievalTask(AbsTaskRetrieval):
+    """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) as an mteb task.
+
+    mteb reads ``metadata`` from the class, so :meth:`create` makes one subclass per task.
+    """
+
+    folder: Path
+    max_queries: int | None = None
+
+    @classmethod
+    def create(
+        cls, name: str, folder: str | Path, lang: str, max_queries: int | None = None
+    ) -> LocalRetrievalTask:
+        folder = Path(folder)
+        md = _metadata(
+            name, f"local retrieval task from {folder.name}", folder, "Retrieval", "ndcg_at_10", lang
+        )
+        return type(name, (cls,), {"metadata": md, "folder": folder, "max_queries": max_queries})()
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        if self.data_loaded:
+            return
+        corpus, queries, qrels = load_beir(self.folder, "test")
+        if self.max_queries:
+            keep = sorted(queries)[: self.max_queries]
+            queries = {q: queries[q] for q in keep}
+            qrels = {q: qrels[q] for q in keep}
+        if not corpus or not queries:
+            raise ValueError(f"{self.folder}: empty corpus or no test queries")
+        self.corpus, self.queries, self.relevant_docs = {"test": corpus}, {"test": queries}, {"test": qrels}
+        self.data_loaded = True
+
+
+class LocalSTSTask(AbsTaskSTS):
+    """An STS TSV (sentence1, sentence2, score in [0, 5]) as an mteb task."""
+
+    min_score = 0
+    max_score = 5
+    path: Path
+
+    @classmethod
+    def create(cls, name: str, path: str | Path, lang: str) -> LocalSTSTask:
+        path = Path(path)
+        md = _metadata(name, f"local STS task from {path.name}", path, "STS", "cosine_spearman", lang)
+        return type(name, (cls,), {"metadata": md, "path": path})()
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        if self.data_loaded:
+            return
+        self.dataset = {"test": load_sts(self.path)}
+        self.data_loaded = True
+
+
+def local_tasks(data_dir: str | Path | None = None, names: list[str] | None = None) -> list:
+    root = Path(data_dir or default_data_dir()) / "text"
+    table = {
+        "CMRC2018Local": lambda: LocalRetrievalTask.create(
+            "CMRC2018Local", root / "retrieval/cmrc2018", "zho-Hans"
+        ),
+        "CranfieldLocal": lambda: LocalRetrievalTask.create(
+            "CranfieldLocal", root / "retrieval/cranfield", "eng-Latn"
+        ),
+        "STSBzhLocal": lambda: LocalSTSTask.create(
+            "STSBzhLocal", root / "pairs/zh/stsb-zh-test.tsv", "zho-Hans"
+        ),
+        "STSBenLocal": lambda: LocalSTSTask.create(
+            "STSBenLocal", root / "pairs/en/stsb-en-test.tsv", "eng-Latn"
+        ),
+    }
+    names = names or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {sorted(table)}")
+    return [table[n]() for n in names]
+
+
+def evaluate_model(model, tasks: list, batch_size: int = 64) -> dict[str, float]:
+    """Main score of each task (nDCG@10 for retrieval, cosine Spearman for STS)."""
+    import mteb
+
+    results = mteb.evaluate(
+        model, tasks, cache=None, encode_kwargs={"batch_size": batch_size}, show_progress_bar=False
+    )
+    scores = {}
+    for res in results.task_results:
+        scores[res.task_name] = float(res.get_score())
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    parser = argparse.ArgumentParser(description="Evaluate models on the local mteb tasks; writes a table.")
+    parser.add_argument("models", nargs="+", help="model folders (sentence-transformers format)")
+    parser.add_argument("--tasks", nargs="*", default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default=None, help="write JSON + Markdown here (prefix)")
+    args = parser.parse_args(argv)
+    tasks = local_tasks(args.data_dir, args.tasks)
+    table = {m: evaluate_model(SentenceTransformer(m, device="cpu"), tasks) for m in args.models}
+    names = [t.metadata.name for t in tasks]
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{table[m][n]:.4f}" for n in names) + " |" for m in args.models]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(table, indent=2))
+        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Dynamic hard-negative mining: the rule, the live dataset, resume, rank sync, search backends."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+from conan_st import (
+    CrossGPUBalancingLoss,
+    DynamicHardNegativeMiningCallback,
+    NegativeStore,
+    TaskBalancedBatchSampler,
+    dynamic_negatives_dataset,
+    make_balanced_datasets,
+)
+from conan_st import hooks as conan_hooks
+from conan_st.builtin_plugins import FaissSearch, TorchSearch
+from conan_st.mining import id_to_label, label_to_id
+from conan_st.pairs import filter_prompt_response_pairs
+from shared_dist.testing import launch
+from tests.conan.test_training import sts_ds
+
+
+def store(q=3, depth=30, n=5, skip=10, end_policy="stay") -> NegativeStore:
+    cands = torch.arange(depth).repeat(q, 1) + 100 * torch.arange(q)[:, None]
+    return NegativeStore(cands, n, skip, end_policy)
+
+
+# ------------------------------------------------------------------ the rule on synthetic traces
+
+
+@pytest.mark.parametrize(
+    "s_init,s_cur,advances",
+    [
+        (0.60, 0.50, True),  # 1.15 * 0.50 = 0.575 < 0.60, |0.50| < 0.8
+        (0.60, 0.53, False),  # 0.6095 > 0.60: still hard
+        (0.95, 0.81, False),  # dropped enough, but |S_cur| >= 0.8
+        (0.10, -0.20, True),  # -0.23 < 0.10
+        (0.30, 0.30, False),  # unchanged
+    ],
+)
+def test_window_rule(s_init, s_cur, advances):
+    st = store()
+    st.observe(torch.tensor([1]), torch.tensor([s_init]))  # first observation after assignment = S_init
+    st.observe(torch.tensor([1]), torch.tensor([s_cur]))
+    summary = st.check(1.15, 0.8)
+    assert summary["advanced"] == int(advances)
+    assert st.negatives(1) == ([115, 116, 117, 118, 119] if advances else [110, 111, 112, 113, 114])
+    assert st.negatives(0) == [10, 11, 12, 13, 14]  # never observed: untouched
+    if advances:
+        assert math.isnan(st.s_init[1]) and math.isnan(st.s_cur[1])  # the new window starts fresh
+
+
+def test_windows_follow_the_paper_and_the_end_policy():
+    st = store(q=1, depth=30, n=5, skip=10)
+    spans = []
+    for _ in range(5):
+        spans.append(st.window_span(0))
+        st.observe(torch.tensor([0]), torch.tensor([0.5]))
+        st.observe(torch.tensor([0]), torch.tensor([0.1]))
+        st.check()
+    # i-th assignment: ranks [(i-1)n + 10, i n + 10); the list ends at 30: stay on the last window
+    assert spans == [(10, 15), (15, 20), (20, 25), (25, 30), (25, 30)]
+    wrap = store(q=1, depth=30, n=5, skip=10, end_policy="wrap")
+    wrap.window[0] = 3
+    wrap.observe(torch.tensor([0]), torch.tensor([0.5]))
+    wrap.observe(torch.tensor([0]), torch.tensor([0.1]))
+    assert wrap.check()["advanced"] == 1 and wrap.window_span(0) == (10, 15)
+
+
+def test_short_candidate_list_uses_its_last_valid_candidates():
+    cands = torch.full((1, 30), -1)
+    cands[0, :12] = torch.arange(12)
+    st = NegativeStore(cands, 5, 10)
+    assert st.negatives(0) == [7, 8, 9, 10, 11]
+    with pytest.raises(ValueError, match="fewer than num_negatives=5"):
+        NegativeStore(torch.tensor([[0, 1, 2, -1]]), 5, 10)
+
+
+def test_label_carries_example_id_exactly():
+    ids = torch.tensor([0, 1, 17, 123_456, 9_999_999])
+    labels = torch.tensor([id_to_label(i) for i in ids.tolist()], dtype=torch.float32)
+    assert torch.equal(label_to_id(labels), ids)
+
+
+# ------------------------------------------------------------------ in a real training run
+
+PAIRS = Dataset.from_dict(
+    {
+        "anchor": [f"which city hosts museum number {i}?" for i in range(24)],
+        "positive": [f"museum number {i} is located in city {i % 7}" for i in range(24)],
+    }
+)
+
+
+def _callback(model, loss, **kw):
+    docs = [f"unrelated document about item {k} and its colour {k % 5}" for k in range(40)]
+    return DynamicHardNegativeMiningCallback.from_pairs(
+        model, PAIRS, num_negatives=2, depth=30, skip=10, extra_documents=docs, loss=loss, **kw
+    )
+
+
+def _trainer(model, loss, cb, out, steps, save_steps=None):
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        report_to=[],
+        disable_tqdm=True,
+        per_device_train_batch_size=8,
+        learning_rate=1e-6,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(
+            retrieval_batch_size=8, sts_batch_size=4
+        ),
+    )
+    train = make_balanced_datasets(cb.train_dataset(PAIRS), sts_ds())
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, callbacks=[cb])
+
+
+def _record_served(cb, served):
+    original = cb.store.negatives
+
+    def spy(i):
+        out = original(i)
+        served.append((i, tuple(out)))
+        return out
+
+    cb.store.negatives = spy
+
+
+def test_running_dataloader_serves_replaced_negatives_and_resume_restores(fresh_minilm, tmp_path):
+    loss = CrossGPUBalancingLoss(fresh_minilm)
+    # ratio < 0: every observed example counts as "easy" at the next check, so the plumbing
+    # (loss scores -> check -> store -> live dataset) is exercised deterministically
+    cb = _callback(fresh_minilm, loss, interval=1, ratio=-1e6, abs_bound=1.0)
+    first = {i: tuple(cb.store.candidates[i, 10:12].tolist()) for i in range(24)}
+    second = {i: tuple(cb.store.candidates[i, 12:14].tolist()) for i in range(24)}
+    served: list = []
+    _record_served(cb, served)
+    trainer = _trainer(fresh_minilm, loss, cb, tmp_path, steps=3, save_steps=3)
+    trainer.train()
+    training_rows = served[-24:]  # 3 steps x 8 rows; earlier calls are the trainer's own peeks
+    assert sorted(i for i, _ in training_rows) == list(range(24))
+    assert all(neg == first[i] for i, neg in training_rows)
+    # every example was served its first window, seen by the loss, then advanced
+    assert all(h["dhnm/observed"] == 8 and h["dhnm/advanced"] == 8 for h in cb.history)
+    assert cb.store.window.tolist() == [1] * 24
+    assert (tmp_path / "checkpoint-3" / "dhnm_store.safetensors").is_file()
+
+    # resume: a fresh store (all windows 0, re-mined by the trained model) is restored from
+    # checkpoint-3, and the next epoch serves the second window of every example
+    loss2 = CrossGPUBalancingLoss(fresh_minilm)
+    cb2 = _callback(fresh_minilm, loss2, interval=100)
+    assert cb2.store.window.tolist() == [0] * 24
+    served2: list = []
+    _record_served(cb2, served2)
+    trainer2 = _trainer(fresh_minilm, loss2, cb2, tmp_path, steps=6, save_steps=3)
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    training_rows = served2[-24:]
+    assert sorted(i for i, _ in training_rows) == list(range(24))
+    assert all(neg == second[i] for i, neg in training_rows)
+
+
+# ------------------------------------------------------------------ several ranks
+
+
+def _w_sync():
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    st = store(q=4)
+    cb = DynamicHardNegativeMiningCallback(
+        st,
+        [f"q{i}" for i in range(4)],
+        [f"d{i}" for i in range(400)],
+        loss=CrossGPUBalancingLoss(torch.nn.Linear(1, 1)),
+    )
+    mine = [0, 1] if rank == 0 else [2, 3]
+    cb._observe(torch.tensor(mine), torch.tensor([0.6, 0.6]))
+    cb.check_now()
+    cb._observe(torch.tensor(mine), torch.tensor([0.2, 0.7]))  # 0 and 2 become easy, 1 and 3 do not
+    summary = cb.check_now()
+    return {"window": st.window.tolist(), "summary": summary, "s_cur": st.s_cur.tolist()}
+
+
+@pytest.mark.distributed
+def test_state_is_synced_across_ranks():
+    a, b = launch(_w_sync, 2, timeout=60)
+    assert a["window"] == b["window"] == [1, 0, 1, 0]
+    assert a["summary"] == b["summary"] and a["summary"]["advanced"] == 2 and a["summary"]["observed"] == 4
+    assert a["s_cur"][1] == pytest.approx(0.7) and a["s_cur"][3] == pytest.approx(0.7)
+
+
+# ------------------------------------------------------------------ search backends
+
+
+def test_faiss_and_torch_return_the_same_top_k():
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(3000, 32, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(70, 32, generator=g), dim=-1)
+    ts, ti = TorchSearch(query_block=16, corpus_block=500).search(queries, corpus, 25)  # blocked path
+    fs, fi = FaissSearch().search(queries, corpus, 25)
+    assert torch.equal(ti, fi)
+    torch.testing.assert_close(ts, fs, rtol=1e-5, atol=1e-5)
+    full_s, full_i = (queries @ corpus.T).topk(25)
+    assert torch.equal(ti, full_i)
+
+
+def test_search_backend_plugin_by_entry_point(tmp_path, monkeypatch):
+    (tmp_path / "fake_search_plugin.py").write_text(
+        textwrap.dedent("""
+        from conan_st.hooks import hookimpl
+        from conan_st.builtin_plugins import TorchSearch
+
+        class Reversed(TorchSearch):
+            name = "reversed"
+
+        @hookimpl
+        def conan_search_backends():
+            return {"reversed": Reversed}
+    """)
+    )
+    info = tmp_path / "fake_search_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-search-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[conan_st.plugins]\nfake = fake_search_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "0")
+    try:
+        conan_hooks.get_plugin_manager(reload=True)
+        assert {"torch", "faiss", "reversed"} <= set(conan_hooks.search_backends())
+        assert conan_hooks.get_search_backend("reversed").name == "reversed"
+        monkeypatch.setenv("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "1")
+        conan_hooks.get_plugin_manager(reload=True)
+        assert "reversed" not in conan_hooks.search_backends()
+        with pytest.raises(ValueError, match=r"search backend must be one of \['faiss', 'torch'\]"):
+            conan_hooks.get_search_backend("reversed")
+    finally:
+        sys.modules.pop("fake_search_plugin", None)
+        conan_hooks.get_plugin_manager(reload=True)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_mining_input(minilm):
+    tiny = Dataset.from_dict({"anchor": ["a", "b"], "positive": ["pa", "pb"]})
+    with pytest.raises(ValueError, match="smaller than one window"):
+        DynamicHardNegativeMiningCallback.from_pairs(
+            minilm, tiny, num_negatives=2, loss=CrossGPUBalancingLoss(minilm)
+        )
+    with pytest.raises(ValueError, match=r"missing columns \['positive'\]"):
+        DynamicHardNegativeMiningCallback.from_pairs(minilm, tiny.remove_columns("positive"))
+    st = store(q=2, depth=30)
+    with pytest.raises(ValueError, match="candidate id 129 is not in the corpus of 50 documents"):
+        dynamic_negatives_dataset(tiny, st, [f"d{i}" for i in range(50)])
+    with pytest.raises(ValueError, match="score_source='loss' needs the loss"):
+        DynamicHardNegativeMiningCallback(st, ["a", "b"], ["x"] * 200)
+    with pytest.raises(ValueError, match="corpus is empty"):
+        TorchSearch().search(torch.randn(2, 4), torch.randn(0, 4), 1)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 3\]"):
+        TorchSearch().search(torch.randn(2, 4), torch.randn(3, 4), 5)
+
+
+def test_prompt_response_filter(minilm):
+    ds = Dataset.from_dict(
+        {
+            "prompt": [
+                "What is the boiling point of water?",
+                "What is the boiling point of water?",
+                "hi",
+                "Explain photosynthesis briefly.",
+                "Tell me a secret.",
+                "列出三种水果",
+                "Name a prime number.",
+            ],
+            "response": [
+                "Water boils at 100 degrees Celsius at sea level.",
+                "100 C.",
+                "hello there",
+                "Plants turn light, water and CO2 into sugar and oxygen.",
+                "I'm sorry, I cannot do that.",
+                "苹果、香蕉和橙子。",
+                "The stock market closed higher on Friday after a long week.",
+            ],
+        }
+    )
+    kept, counts = filter_prompt_response_pairs(ds, min_chars=4)
+    assert counts == {"length": 1, "refusal": 1, "duplicate": 1, "score": 0, "kept": 4}
+    assert kept["anchor"][0] == "What is the boiling point of water?"
+    scored, counts2 = filter_prompt_response_pairs(ds, score_model=minilm, min_score=0.4)
+    assert counts2["score"] >= 1 and "Name a prime number." not in scored["anchor"]
+    assert "Explain photosynthesis briefly." in scored["anchor"]
+    with pytest.raises(ValueError, match=r"missing columns \['prompt'\]"):
+        filter_prompt_response_pairs(ds.rename_column("prompt", "q"))
