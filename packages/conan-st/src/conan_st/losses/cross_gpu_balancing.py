@@ -277,9 +277,9 @@ class CrossGPUBalancingLoss(nn.Module):
         own = (
             sim_neg.view(b, r, b, j)[rows, :, rows] if j else None
         )  # (B, R, j): query i vs its own negatives
+        observing = self.score_observer is not None and example_ids is not None and own is not None
         # with MatryoshkaLoss, report only the full-size embeddings' scores
-        full_size = q.shape[-1] == self.model.get_embedding_dimension()
-        if self.score_observer is not None and example_ids is not None and own is not None and full_size:
+        if observing and q.shape[-1] == self.model.get_embedding_dimension():
             self.score_observer(example_ids, own.detach().mean(dim=(1, 2)))
         if self.in_batch_negatives:
             logits = torch.cat([sim_pos, sim_neg], 1) * self.scale
