@@ -230,7 +230,7 @@ def pretrain(
             "ema": rate,
             "skipped": skipped,
             "grad_norm": float(grad_norm),
-            **{k: float(v) for k, v in losses.items()},
+            **{k: float(v.detach()) for k, v in losses.items()},
         }
         history.append(record)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -336,7 +336,7 @@ def finetune(
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"phase": phase, "step": step + 1, **{k: float(v) for k, v in losses.items()}}
+            record = {"phase": phase, "step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}}
             history.append(record)
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")

@@ -1,0 +1,151 @@
+"""DDSPipeline: diffusion denoised smoothing (Carlini et al., 2023), the baseline rRCM is measured against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from tqdm.auto import tqdm
+
+from .certification import certify, predict
+from .modeling_rrcm import RRCMModel
+from .pipeline_rrcm import RRCMCertifyOutput, RRCMPipelineOutput
+from .trajectory import SIGMA_MIN
+
+
+class DDSPipeline(DiffusionPipeline):
+    r"""
+    Denoise-then-classify: one UNet pass (one-shot x0 prediction) + one classifier pass per
+    noise sample.
+
+    For a noisy input y = 2(x + δ) − 1 (noise std 2σ in [-1, 1] space) pick t* with
+    sqrt((1 − ᾱ_t*)/ᾱ_t*) ≈ 2σ; then sqrt(ᾱ_t*)·y is distributed as the forward process at t*,
+    the UNet predicts ε, x̂0 = (x_t* − sqrt(1 − ᾱ_t*)·ε̂)/sqrt(ᾱ_t*), and a classifier trained on
+    clean images labels x̂0.
+
+    Args:
+        unet ([`UNet2DModel`]): ε-prediction model trained on the same images.
+        scheduler ([`DDPMScheduler`]): its noise schedule.
+        classifier ([`RRCMModel`]): a classifier trained on clean images (queried at s_min).
+    """
+
+    model_cpu_offload_seq = "unet->classifier"
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, classifier: RRCMModel) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
+
+    def timestep_for_sigma(self, sigma: float) -> int:
+        """t* with sqrt((1 − ᾱ_t)/ᾱ_t) closest to 2σ."""
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        abar = self.scheduler.alphas_cumprod.double()
+        return int(torch.argmin(((1 - abar) / abar).sqrt().sub(2 * sigma).abs()))
+
+    def base_classifier(self, sigma: float):
+        t = self.timestep_for_sigma(sigma)
+        abar = float(self.scheduler.alphas_cumprod[t])
+        unet, clf = self.unet.eval(), self.classifier.eval()
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            y = x * 2.0 - 1.0  # (B, C, H, W), noise std 2σ
+            x_t = math.sqrt(abar) * y
+            eps = unet(x_t, torch.full((x.shape[0],), t, device=x.device)).sample
+            x0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+            return clf(x0, SIGMA_MIN).logits  # (B, K)
+
+        return f
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        images,
+        sigma=0.5,
+        num_samples=1000,
+        alpha=0.001,
+        batch_size=1000,
+        generator=None,
+        return_dict=True,
+    ):
+        """Smoothed prediction with abstention (Cohen's PREDICT); see `RRCMPipeline.__call__`."""
+        out = predict(
+            self.base_classifier(sigma),
+            images.to(self.device),
+            sigma,
+            num_samples,
+            alpha,
+            batch_size,
+            generator,
+        )
+        if not return_dict:
+            return (out.predictions, out.counts, out.p_values)
+        return RRCMPipelineOutput(predictions=out.predictions, counts=out.counts, p_values=out.p_values)
+
+    @torch.inference_mode()
+    def certify(
+        self,
+        images,
+        sigma=0.5,
+        n0=100,
+        n=100_000,
+        alpha=0.001,
+        batch_size=1000,
+        generator=None,
+        return_dict=True,
+    ):
+        """Certified L2 radius per image (Cohen's CERTIFY); see `RRCMPipeline.certify`."""
+        out = certify(
+            self.base_classifier(sigma), images.to(self.device), sigma, n0, n, alpha, batch_size, generator
+        )
+        if not return_dict:
+            return (out.predictions, out.radii, out.p_lower, out.counts)
+        return RRCMCertifyOutput(
+            predictions=out.predictions, radii=out.radii, p_lower=out.p_lower, counts=out.counts
+        )
+
+
+def small_unet(image_size: int = 28, channels: int = 1) -> UNet2DModel:
+    """A CPU-sized ε-prediction UNet for 28x28 / 32x32 images."""
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    )
+
+
+def train_ddpm(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Standard DDPM training (ε-prediction, uniform t) on uint8 images; returns the losses."""
+    from .data import to_model_space
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    unet.train()
+    losses = []
+    for _ in tqdm(range(steps), disable=not progress, desc="ddpm"):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        x0 = to_model_space(images[idx])
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses

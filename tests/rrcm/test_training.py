@@ -1,0 +1,205 @@
+"""The rRCM trainer, the experiment stages and the examples, on real MNIST."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from rrcm_diffusers import RRCMModel
+from rrcm_diffusers.data import load_mnist, strided_class_subset
+from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
+from rrcm_diffusers.report import RADII, write_report
+from rrcm_diffusers.training import (
+    FinetuneConfig,
+    PretrainConfig,
+    finetune,
+    latest_checkpoint,
+    linear_probe_accuracy,
+    pretrain,
+)
+from tests.conftest import REPO
+from tests.rrcm.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def mnist(data_dir):
+    return load_mnist("train", data_dir), load_mnist("test", data_dir)
+
+
+def test_pretrain_checkpoints_and_resumes(mnist, tmp_path):
+    (x, _), _ = mnist
+    cfg = PretrainConfig(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    online, _, hist = pretrain(tiny_model(), x[:64], cfg, Accelerator(cpu=True), tmp_path, progress=False)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert (tmp_path / "checkpoint-2" / "online" / "diffusion_pytorch_model.safetensors").is_file()
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+    # longer run in the same folder: resumes at step 4 with the saved weights and optimizer
+    saved = RRCMModel.from_pretrained(tmp_path / "checkpoint-4" / "online")
+    torch.testing.assert_close(saved.state_dict(), online.state_dict())
+    cfg6 = PretrainConfig(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    model = tiny_model(seed=5)  # other init: must be overwritten by the checkpoint
+    _, _, hist2 = pretrain(model, x[:64], cfg6, Accelerator(cpu=True), tmp_path, progress=False)
+    assert [h["step"] for h in hist2] == [5, 6]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-6"
+
+
+def test_pretrain_skips_non_finite_steps(mnist, tmp_path):
+    (x, _), _ = mnist
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.projector[0].weight[0, 0] = float("inf")  # every gradient becomes non-finite
+    cfg = PretrainConfig(steps=2, batch_size=8, warmup_steps=0, log_every=1)
+    _, _, hist = pretrain(model, x[:32], cfg, Accelerator(cpu=True), progress=False)
+    assert all(h["skipped"] for h in hist)
+    assert torch.equal(model.backbone.patch_embed.weight, before["backbone.patch_embed.weight"])
+
+
+def test_finetune_probe_then_full_trains_the_head_and_backbone(mnist):
+    (x, y), _ = mnist
+    sub = strided_class_subset(y, 6)
+    model = tiny_model().for_classification(10)
+    head0 = model.classifier.weight.clone()
+    patch0 = model.backbone.patch_embed.weight.clone()
+    cfg = FinetuneConfig(sigma=0.25, probe_steps=2, steps=2, batch_size=20, warmup_steps=0, log_every=1)
+    model, hist = finetune(model, x[sub], y[sub], cfg, Accelerator(cpu=True), progress=False)
+    assert [h["phase"] for h in hist] == ["probe", "probe", "finetune", "finetune"]
+    assert not torch.equal(model.classifier.weight, head0)  # the head is trained (the reference code's bug)
+    assert not torch.equal(model.backbone.patch_embed.weight, patch0)
+    with pytest.raises(ValueError, match="needs a classifier head"):
+        finetune(tiny_model(), x[:4], y[:4], cfg, Accelerator(cpu=True), progress=False)
+
+
+def test_dds_timestep_matches_the_noise_level():
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    pipe = DDSPipeline(
+        unet=small_unet(), scheduler=sched, classifier=tiny_model(num_classes=10, projection_dim=0)
+    )
+    abar = sched.alphas_cumprod.double()
+    for sigma in (0.25, 0.5, 1.0):
+        t = pipe.timestep_for_sigma(sigma)
+        ratio = math.sqrt((1 - abar[t]) / abar[t])
+        assert abs(ratio - 2 * sigma) < 0.02 * 2 * sigma
+        neighbours = [math.sqrt((1 - abar[u]) / abar[u]) for u in (t - 1, t + 1)]
+        assert all(abs(v - 2 * sigma) >= abs(ratio - 2 * sigma) for v in neighbours)
+
+
+def test_report_files(tmp_path):
+    rows = [
+        {
+            "method": m,
+            "sigma": s,
+            "images": 10,
+            "n0": 10,
+            "n": 100,
+            "alpha": 0.001,
+            **{f"r={r:g}": max(0.0, 0.9 - r / 2) for r in RADII},
+            "acr": 0.5,
+            "abstain": 0.1,
+            "seconds": 1.0,
+            "ms_per_noise_sample": 0.5,
+        }
+        for m in ("rRCM", "Cohen")
+        for s in (0.5, 1.0)
+    ]
+    paths = write_report(rows, tmp_path, "test")
+    assert json.loads(paths["json"].read_text()) == rows
+    md = paths["md"].read_text()
+    assert "| rRCM | 0.5 | 90.0 | 77.5 |" in md
+    assert paths["png"].stat().st_size > 10_000
+    assert paths["csv"].read_text().splitlines()[0].startswith("method,sigma,images")
+
+
+@pytest.mark.slow
+def test_short_pretraining_lowers_loss_and_beats_random_init_probe(mnist):
+    (x, y), (xt, yt) = mnist
+    kw = dict(
+        patch_size=4, hidden_size=96, depth=4, num_heads=4, projection_hidden_dim=256, projection_dim=64
+    )
+    torch.manual_seed(0)
+    random_init = RRCMModel(**kw)
+    torch.manual_seed(0)
+    cfg = PretrainConfig(steps=400, batch_size=64, lr=2e-3, log_every=50)
+    online, _, hist = pretrain(RRCMModel(**kw), x, cfg, Accelerator(cpu=True), progress=False)
+    first = sum(h["loss"] for h in hist[:20]) / 20
+    last = sum(h["loss"] for h in hist[-20:]) / 20
+    assert last < 0.7 * first
+    tr_idx, te_idx = strided_class_subset(y, 200), strided_class_subset(yt, 100)
+    tr, te = (x[tr_idx], y[tr_idx]), (xt[te_idx], yt[te_idx])
+    pre = linear_probe_accuracy(online, tr, te, 0.5)
+    rnd = linear_probe_accuracy(random_init, tr, te, 0.5)
+    assert pre > rnd + 0.02, (pre, rnd)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_examples_run_under_accelerate_with_two_processes(tmp_path, data_dir):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", RRCM_DATA_DIR=str(data_dir))
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    cfg = REPO / "examples/rrcm/configs/mnist_quick.yaml"
+    pre = subprocess.run(
+        [
+            *launch,
+            str(REPO / "examples/rrcm/pretrain.py"),
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "pre"),
+            "--steps",
+            "6",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    info = json.loads(pre.stdout.strip().splitlines()[-1])
+    assert info["processes"] == 2 and info["steps_run"] == 6
+    ft = subprocess.run(
+        [
+            *launch,
+            str(REPO / "examples/rrcm/finetune.py"),
+            "--config",
+            str(cfg),
+            "--pretrained",
+            str(tmp_path / "pre" / "online"),
+            "--sigma",
+            "0.5",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    acc = json.loads(ft.stdout.strip().splitlines()[-1])["test_accuracy_first1000"]
+    assert acc["None"] > 0.1  # better than chance on 10 classes after a few steps
+    assert (tmp_path / "ft" / "pipeline" / "model_index.json").is_file()
