@@ -1,0 +1,17 @@
+"""Fine-tune an embedding model with the Conan recipe (or a baseline) and evaluate it with mteb.
+
+One process:
+    python examples/conan/train.py --recipe conan --out runs/conan
+Two CPU processes (rank 0 retrieval, rank 1 STS — the Cross-GPU Batch Balance layout):
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no examples/conan/train.py --recipe conan --out runs/conan2
+Several GPUs / nodes: the usual `accelerate launch --num_processes N [--num_machines M ...]`.
+
+Writes OUT/final (a sentence-transformers model whose card cites the losses it was trained
+with) and OUT/record.json (timings, loss log, mining checks, mteb scores).
+"""
+
+from conan_st.experiment import main
+
+if __name__ == "__main__":
+    main()
