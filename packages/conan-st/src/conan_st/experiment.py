@@ -64,6 +64,7 @@ def train_recipe(
     check_interval: int = 25,
     train_queries: int | None = None,
     progress: bool = True,
+    sts_rows: int | None = None,
 ) -> tuple[SentenceTransformer, dict[str, Any]]:
     """Train one recipe; returns the model and a record of what happened."""
     if recipe not in RECIPES:
@@ -88,7 +89,7 @@ def train_recipe(
         output_dir=str(out),
         max_steps=steps,
         learning_rate=lr,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,
         seed=seed,
         report_to=[],
         save_strategy="no",
@@ -104,6 +105,8 @@ def train_recipe(
         )
         callbacks.append(cb)
         sts = load_sts(root / "pairs/zh/stsb-zh-train.tsv")
+        if sts_rows:
+            sts = sts.select(range(min(sts_rows, len(sts))))
         from .data import make_balanced_datasets
 
         train = make_balanced_datasets(cb.train_dataset(pairs), sts)
@@ -150,8 +153,10 @@ def evaluate(
     model: SentenceTransformer,
     data_dir: str | Path | None = None,
     tasks: tuple[str, ...] = ("CMRC2018Local", "STSBzhLocal"),
+    max_queries: int | None = None,
 ) -> dict[str, float]:
-    return evaluate_model(model, local_tasks(data_dir, list(tasks)))
+    """Main scores on the local mteb tasks (``max_queries``: first k retrieval test queries)."""
+    return evaluate_model(model, local_tasks(data_dir, list(tasks), max_queries))
 
 
 def main(argv: list[str] | None = None) -> None:
