@@ -1,0 +1,46 @@
+"""The README's main job, quick version, as a new user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_job(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples/main_job.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_missing_data_is_named(tmp_path):
+    proc = run_job("--out", str(tmp_path / "r"), "--data-dir", str(tmp_path / "nowhere"), timeout=120)
+    assert proc.returncode == 2
+    assert "data missing under" in proc.stderr and "mnist-train-5k.csv.gz" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_dir):
+    out = tmp_path / "report"
+    proc = run_job("--out", str(out), "--quick", "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    assert "certified accuracy" in summary and "| rRCM | 0.5 |" in summary and "| Cohen | 0.5 |" in summary
+    assert "| before |" in summary and "| after |" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert {"rrcm", "conan", "wall_time_s"} <= set(results)
+    assert (out / "certified_accuracy.png").stat().st_size > 10_000
+    assert (out / "rrcm/rrcm-sigma0.5/pipeline/model_index.json").is_file()
+    card = (out / "conan/model/README.md").read_text()
+    assert "2408.15710" in card  # the model card cites the Conan paper through the loss
+    again = run_job("--out", str(out), "--quick", "--data-dir", str(data_dir), timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
