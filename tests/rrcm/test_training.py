@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,6 +24,7 @@ from rrcm_diffusers.training import (
 )
 from tests.conftest import REPO
 from tests.rrcm.conftest import tiny_model
+from tests.shared_dist.test_accelerate import accelerate_launch
 
 
 @pytest.fixture(scope="module")
@@ -147,60 +145,34 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_probe(mnist):
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_examples_run_under_accelerate_with_two_processes(tmp_path, data_dir):
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", RRCM_DATA_DIR=str(data_dir))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
+    env = {"RRCM_DATA_DIR": str(data_dir)}
     cfg = REPO / "examples/rrcm/configs/mnist_quick.yaml"
-    pre = subprocess.run(
-        [
-            *launch,
-            str(REPO / "examples/rrcm/pretrain.py"),
-            "--config",
-            str(cfg),
-            "--out",
-            str(tmp_path / "pre"),
-            "--steps",
-            "6",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    pre = accelerate_launch(
+        REPO / "examples/rrcm/pretrain.py",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "pre"),
+        "--steps",
+        "6",
         timeout=600,
+        env=env,
     )
     assert pre.returncode == 0, pre.stderr[-3000:]
     info = json.loads(pre.stdout.strip().splitlines()[-1])
     assert info["processes"] == 2 and info["steps_run"] == 6
-    ft = subprocess.run(
-        [
-            *launch,
-            str(REPO / "examples/rrcm/finetune.py"),
-            "--config",
-            str(cfg),
-            "--pretrained",
-            str(tmp_path / "pre" / "online"),
-            "--sigma",
-            "0.5",
-            "--out",
-            str(tmp_path / "ft"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    ft = accelerate_launch(
+        REPO / "examples/rrcm/finetune.py",
+        "--config",
+        str(cfg),
+        "--pretrained",
+        str(tmp_path / "pre" / "online"),
+        "--sigma",
+        "0.5",
+        "--out",
+        str(tmp_path / "ft"),
         timeout=600,
+        env=env,
     )
     assert ft.returncode == 0, ft.stderr[-3000:]
     acc = json.loads(ft.stdout.strip().splitlines()[-1])["test_accuracy_first1000"]

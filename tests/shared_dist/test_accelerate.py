@@ -31,8 +31,13 @@ LAUNCH = [
 ]
 
 
-def accelerate_launch(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def accelerate_launch(
+    script: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes running ``script``; output captured, never hangs."""
+    env = dict(
+        os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {})
+    )
     cmd = [
         sys.executable,
         "-m",
