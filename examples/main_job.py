@@ -1,6 +1,7 @@
 """The main job: both methods end to end on real data, into one report folder.
 
     python examples/main_job.py --out reports/latest            # about 20 minutes on 2 cores
+    python examples/main_job.py --out reports/latest --resume   # continue an interrupted run
     python examples/main_job.py --out reports/quick --quick     # about 3 minutes
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no examples/main_job.py --out reports/two-procs
@@ -63,19 +64,26 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--quick", action="store_true", help="the ~3-minute version")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue in an existing folder, reusing finished stages"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out, data_dir = Path(args.out), Path(args.data_dir)
     rank = int(os.environ.get("RANK", "0"))
     check_inputs(data_dir)
-    if rank == 0 and out.exists() and any(out.iterdir()):
+    if rank == 0 and out.exists() and any(out.iterdir()) and not args.resume:
         if not args.overwrite:
-            fail(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+            fail(
+                f"{out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, "
+                "or choose another --out"
+            )
         shutil.rmtree(out)
     start = time.perf_counter()
 
     from accelerate import Accelerator
+    from sentence_transformers import SentenceTransformer
 
     from conan_st.experiment import default_model_path, evaluate, train_recipe
     from rrcm_diffusers.experiment import load_config
@@ -91,8 +99,6 @@ def main() -> None:
     rrcm_s = time.perf_counter() - t0
 
     # 2. conan-st: evaluate the base model, fine-tune with CBB + dynamic mining, evaluate again
-    from sentence_transformers import SentenceTransformer
-
     t0 = time.perf_counter()
     quick = dict(steps=4, train_queries=200, batch_size=8, sts_batch_size=8) if args.quick else dict(steps=50)
     max_queries = 200 if args.quick else None
@@ -110,7 +116,6 @@ def main() -> None:
         base.max_seq_length = model.max_seq_length
         before = evaluate(base, data_dir, max_queries=max_queries)
         after = evaluate(model, data_dir, max_queries=max_queries)
-        model.save(str(out / "conan" / "model"))
         shutil.copy(out / "rrcm/report/certified_accuracy.png", out / "certified_accuracy.png")
         wall = time.perf_counter() - start
         results = {

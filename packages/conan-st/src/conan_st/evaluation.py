@@ -102,14 +102,17 @@ class LocalSTSTask(AbsTaskSTS):
         self.data_loaded = True
 
 
-def local_tasks(data_dir: str | Path | None = None, names: list[str] | None = None) -> list:
+def local_tasks(
+    data_dir: str | Path | None = None, names: list[str] | None = None, max_queries: int | None = None
+) -> list:
+    """The local tasks by name; ``max_queries`` keeps the first k test queries of retrieval tasks."""
     root = Path(data_dir or default_data_dir()) / "text"
     table = {
         "CMRC2018Local": lambda: LocalRetrievalTask.create(
-            "CMRC2018Local", root / "retrieval/cmrc2018", "zho-Hans"
+            "CMRC2018Local", root / "retrieval/cmrc2018", "zho-Hans", max_queries
         ),
         "CranfieldLocal": lambda: LocalRetrievalTask.create(
-            "CranfieldLocal", root / "retrieval/cranfield", "eng-Latn"
+            "CranfieldLocal", root / "retrieval/cranfield", "eng-Latn", max_queries
         ),
         "STSBzhLocal": lambda: LocalSTSTask.create(
             "STSBzhLocal", root / "pairs/zh/stsb-zh-test.tsv", "zho-Hans"
