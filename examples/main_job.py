@@ -102,14 +102,22 @@ def main() -> None:
     t0 = time.perf_counter()
     quick = dict(steps=4, train_queries=200, batch_size=8, sts_batch_size=8) if args.quick else dict(steps=50)
     max_queries = 200 if args.quick else None
-    model, record = train_recipe(
-        "conan",
-        out / "conan" / "run",
-        data_dir=data_dir,
-        num_negatives=2,
-        check_interval=2 if args.quick else 10,
-        **quick,
-    )
+    saved = out / "conan" / "model"
+    if args.resume and (saved / "modules.json").is_file() and (out / "conan" / "record.json").is_file():
+        model = SentenceTransformer(str(saved), device="cpu")
+        record = json.loads((out / "conan" / "record.json").read_text())
+    else:
+        model, record = train_recipe(
+            "conan",
+            out / "conan" / "run",
+            data_dir=data_dir,
+            num_negatives=2,
+            check_interval=2 if args.quick else 10,
+            **quick,
+        )
+        if accelerator.is_main_process:
+            model.save(str(saved))
+            (out / "conan" / "record.json").write_text(json.dumps(record, default=str))
     conan_s = time.perf_counter() - t0
     if accelerator.is_main_process:
         base = SentenceTransformer(default_model_path(), device="cpu")
