@@ -118,6 +118,7 @@ def test_report_files(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_short_pretraining_lowers_loss_and_beats_random_init_probe(mnist):
     (x, y), (xt, yt) = mnist
     kw = dict(
