@@ -30,7 +30,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from sentence_transformers.util import mine_hard_negatives
 
 from .callbacks import DynamicHardNegativeMiningCallback
-from .data import default_data_dir, load_sts, retrieval_pairs
+from .data import default_data_dir, load_sts, make_balanced_datasets, retrieval_pairs
 from .evaluation import evaluate_model, local_tasks
 from .losses import CrossGPUBalancingLoss
 from .sampler import TaskBalancedBatchSampler
@@ -107,7 +107,6 @@ def train_recipe(
         sts = load_sts(root / "pairs/zh/stsb-zh-train.tsv")
         if sts_rows:
             sts = sts.select(range(min(sts_rows, len(sts))))
-        from .data import make_balanced_datasets
 
         train = make_balanced_datasets(cb.train_dataset(pairs), sts)
         args = SentenceTransformerTrainingArguments(

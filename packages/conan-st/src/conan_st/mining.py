@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +341,3 @@ def corpus_from_pairs(
         by_query.setdefault(a, []).append(texts[p])
     positives = [sorted(set(by_query[a])) for a in pairs["anchor"]]
     return corpus, positives
-
-
-ScoreObserver = Callable[[torch.Tensor, torch.Tensor], None]
