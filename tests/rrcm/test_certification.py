@@ -103,6 +103,21 @@ def test_certify_is_invariant_to_batch_size():
     assert not torch.equal(again.p_lower, outs[0].p_lower)  # other noise, other counts
 
 
+def test_pipeline_classifier_maps_to_model_space_without_touching_its_input():
+    pipe = _pipeline()
+    x = torch.rand(5, 1, 28, 28)  # (B, C, H, W) noisy images in [0, 1]
+    before = x.clone()
+    with torch.inference_mode():  # the same (fast) path as the reference below
+        logits = pipe.classifier(0.5)(x)  # (B, K)
+    assert torch.equal(x, before)  # the fast path may not write into the caller's tensor
+    from rrcm_diffusers.trajectory import grid_sigma_for_sigma
+
+    level = grid_sigma_for_sigma(0.5, pipe.scheduler.config.num_train_timesteps)
+    with torch.inference_mode():
+        expected = pipe.model.eval()(2 * before - 1, level).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
 def test_pipeline_save_load_gives_identical_certificates(tmp_path):
     pipe = _pipeline()
     imgs = torch.rand(3, 1, 28, 28)

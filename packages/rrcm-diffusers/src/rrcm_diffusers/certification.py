@@ -92,7 +92,7 @@ def sample_counts(
         batch_noise, rest = noise[:batch_size], noise[batch_size:]
         pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
         # 2. classify the noisy batch and count votes
-        logits = classifier(image.unsqueeze(0) + sigma * batch_noise)  # (b, K)
+        logits = classifier(torch.add(image.unsqueeze(0), batch_noise, alpha=sigma))  # (b, K), one fused op
         if counts is None:
             counts = torch.zeros(logits.shape[-1], dtype=torch.long)
         counts += torch.bincount(logits.argmax(-1).cpu(), minlength=counts.numel())

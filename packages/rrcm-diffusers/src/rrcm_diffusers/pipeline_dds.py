@@ -50,7 +50,7 @@ class DDSPipeline(DiffusionPipeline):
         unet, clf = self.unet.eval(), self.classifier.eval()
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            y = x * 2.0 - 1.0  # (B, C, H, W), noise std 2σ
+            y = x.mul(2.0).sub_(1.0)  # (B, C, H, W), noise std 2σ
             x_t = math.sqrt(abar) * y
             eps = unet(x_t, torch.full((x.shape[0],), t, device=x.device)).sample
             x0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)

@@ -71,7 +71,7 @@ class RRCMPipeline(DiffusionPipeline):
         model = self.model.eval()
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            return model(x * 2.0 - 1.0, level).logits  # (B, K)
+            return model(x.mul(2.0).sub_(1.0), level).logits  # (B, K); one temporary, x is left intact
 
         return f
 
