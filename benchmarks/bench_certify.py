@@ -64,12 +64,14 @@ def main() -> None:
             f(x)
         return counter.get_total_flops() / 100
 
+    samples = args.images * (n0 + args.n)  # noise samples per certify call
+
     def certify_time(pipe) -> float:
         t0 = time.perf_counter()
         pipe.certify(
             images, sigma, n0=n0, n=args.n, batch_size=args.batch, generator=torch.Generator().manual_seed(0)
         )
-        return (time.perf_counter() - t0) / (args.images * (n0 + args.n))
+        return (time.perf_counter() - t0) / samples
 
     # the bare loop: the same model, the same batch shapes, inputs drawn beforehand, nothing else
     level = grid_sigma_for_sigma(sigma, rrcm.scheduler.config.num_train_timesteps)
@@ -83,7 +85,7 @@ def main() -> None:
         for _ in range(args.images):
             for b in shapes:
                 clf(xs[b], level).logits.argmax(-1)
-        return (time.perf_counter() - t0) / (args.images * (n0 + args.n))
+        return (time.perf_counter() - t0) / samples
 
     f_rrcm, f_dds = flops(rrcm.classifier(sigma)), flops(dds.base_classifier(sigma))
     for pipe in (rrcm, dds):
