@@ -9,22 +9,18 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
 from conan_st import (
     CrossGPUBalancingLoss,
     DynamicHardNegativeMiningCallback,
     NegativeStore,
-    TaskBalancedBatchSampler,
     dynamic_negatives_dataset,
-    make_balanced_datasets,
 )
 from conan_st import hooks as conan_hooks
 from conan_st.builtin_plugins import FaissSearch, TorchSearch
 from conan_st.mining import id_to_label, label_to_id
 from conan_st.pairs import filter_prompt_response_pairs
 from shared_dist.testing import launch
-from tests.conan.test_training import sts_ds
 
 
 def store(q=3, depth=30, n=5, skip=10, end_policy="stay") -> NegativeStore:
@@ -87,86 +83,6 @@ def test_label_carries_example_id_exactly():
     ids = torch.tensor([0, 1, 17, 123_456, 9_999_999])
     labels = torch.tensor([id_to_label(i) for i in ids.tolist()], dtype=torch.float32)
     assert torch.equal(label_to_id(labels), ids)
-
-
-# ------------------------------------------------------------------ in a real training run
-
-PAIRS = Dataset.from_dict(
-    {
-        "anchor": [f"which city hosts museum number {i}?" for i in range(24)],
-        "positive": [f"museum number {i} is located in city {i % 7}" for i in range(24)],
-    }
-)
-
-
-def _callback(model, loss, **kw):
-    docs = [f"unrelated document about item {k} and its colour {k % 5}" for k in range(40)]
-    return DynamicHardNegativeMiningCallback.from_pairs(
-        model, PAIRS, num_negatives=2, depth=30, skip=10, extra_documents=docs, loss=loss, **kw
-    )
-
-
-def _trainer(model, loss, cb, out, steps, save_steps=None):
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out),
-        max_steps=steps,
-        report_to=[],
-        disable_tqdm=True,
-        per_device_train_batch_size=8,
-        learning_rate=1e-6,
-        logging_steps=1,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(
-            retrieval_batch_size=8, sts_batch_size=4
-        ),
-    )
-    train = make_balanced_datasets(cb.train_dataset(PAIRS), sts_ds())
-    return SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, callbacks=[cb])
-
-
-def _record_served(cb, served):
-    original = cb.store.negatives
-
-    def spy(i):
-        out = original(i)
-        served.append((i, tuple(out)))
-        return out
-
-    cb.store.negatives = spy
-
-
-def test_running_dataloader_serves_replaced_negatives_and_resume_restores(fresh_minilm, tmp_path):
-    loss = CrossGPUBalancingLoss(fresh_minilm)
-    # ratio < 0: every observed example counts as "easy" at the next check, so the plumbing
-    # (loss scores -> check -> store -> live dataset) is exercised deterministically
-    cb = _callback(fresh_minilm, loss, interval=1, ratio=-1e6, abs_bound=1.0)
-    first = {i: tuple(cb.store.candidates[i, 10:12].tolist()) for i in range(24)}
-    second = {i: tuple(cb.store.candidates[i, 12:14].tolist()) for i in range(24)}
-    served: list = []
-    _record_served(cb, served)
-    trainer = _trainer(fresh_minilm, loss, cb, tmp_path, steps=3, save_steps=3)
-    trainer.train()
-    training_rows = served[-24:]  # 3 steps x 8 rows; earlier calls are the trainer's own peeks
-    assert sorted(i for i, _ in training_rows) == list(range(24))
-    assert all(neg == first[i] for i, neg in training_rows)
-    # every example was served its first window, seen by the loss, then advanced
-    assert all(h["dhnm/observed"] == 8 and h["dhnm/advanced"] == 8 for h in cb.history)
-    assert cb.store.window.tolist() == [1] * 24
-    assert (tmp_path / "checkpoint-3" / "dhnm_store.safetensors").is_file()
-
-    # resume: a fresh store (all windows 0, re-mined by the trained model) is restored from
-    # checkpoint-3, and the next epoch serves the second window of every example
-    loss2 = CrossGPUBalancingLoss(fresh_minilm)
-    cb2 = _callback(fresh_minilm, loss2, interval=100)
-    assert cb2.store.window.tolist() == [0] * 24
-    served2: list = []
-    _record_served(cb2, served2)
-    trainer2 = _trainer(fresh_minilm, loss2, cb2, tmp_path, steps=6, save_steps=3)
-    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
-    training_rows = served2[-24:]
-    assert sorted(i for i, _ in training_rows) == list(range(24))
-    assert all(neg == second[i] for i, neg in training_rows)
 
 
 # ------------------------------------------------------------------ several ranks

@@ -21,9 +21,10 @@ DOCS = [f"document {i} answers the question about topic {i % 5} with detail {i}"
 
 
 def retrieval_ds(n=12, m=2) -> Dataset:
+    """n distinct queries and positives; negatives from a pool of other texts, shared across rows."""
     cols = {"anchor": QUERIES[:n], "positive": DOCS[:n]}
     for t in range(1, m + 1):
-        cols[f"negative_{t}"] = [DOCS[(i + t) % n] for i in range(n)]
+        cols[f"negative_{t}"] = [f"an unrelated note {(i + t) % 7} on topic {i % 5}" for i in range(n)]
     return Dataset.from_dict(cols)
 
 
@@ -46,7 +47,7 @@ def collate(model, rows: list[dict]):
 
 
 def mixed_rows(n_ret=3, n_sts=4):
-    dd = make_balanced_datasets(retrieval_ds(), sts_ds())
+    dd = make_balanced_datasets(retrieval_ds(), sts_ds(max(n_sts, 10)))
     return [dd["retrieval"][i] for i in range(n_ret)] + [dd["sts"][i] for i in range(n_sts)]
 
 
@@ -123,7 +124,9 @@ def test_fit_path_trains(fresh_minilm, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # fit() writes checkpoints/ into the working directory
     model = fresh_minilm
-    rows = mixed_rows(3, 4)
+    # 22 rows in batches of 7: fit() shuffles, so steps mix the tasks at random and the last
+    # batch holds one row of one task; the loss takes whatever rows a batch holds
+    rows = mixed_rows(12, 10)
     examples = []
     for r in rows:
         texts = [r["anchor"], r["positive"], r["negative_1"], r["negative_2"], r["sentence1"], r["sentence2"]]
@@ -133,6 +136,9 @@ def test_fit_path_trains(fresh_minilm, tmp_path, monkeypatch):
     model.eval()  # compare without dropout
     with torch.no_grad():
         before = sum(loss(feats, labels).values()).item()
+    calls = []
+    original = loss._split_rows
+    loss._split_rows = lambda f, lab: calls.append(original(f, lab)) or calls[-1]
     model.fit(
         train_objectives=[(DataLoader(examples, batch_size=7, shuffle=False), loss)],
         epochs=10,
@@ -140,6 +146,8 @@ def test_fit_path_trains(fresh_minilm, tmp_path, monkeypatch):
         optimizer_params={"lr": 2e-4},
         show_progress_bar=False,
     )
+    assert len(calls) == 4 * 10  # 4 batches an epoch, 10 epochs
+    loss._split_rows = original
     model.eval()
     with torch.no_grad():
         after = sum(loss(*collate(model, rows)).values()).item()

@@ -68,7 +68,12 @@ def _check(queries: torch.Tensor, corpus: torch.Tensor, top_k: int) -> None:
 
 
 class PositiveRatioFilter:
-    """NV-Retriever's rule: drop candidates scoring above ``ratio`` x the positive's score."""
+    """NV-Retriever's rule: drop candidates scoring above ``ratio`` x the positive's score.
+
+    Written as sentence-transformers' ``relative_margin = 1 - ratio`` (``mine_hard_negatives``):
+    keep ``score <= pos - |pos| * (1 - ratio)``, which is ``ratio * pos`` for a positive ``pos``
+    and stays BELOW ``pos`` when ``pos`` is negative (``ratio * pos`` would lie above it).
+    """
 
     def __init__(self, ratio: float = 0.95) -> None:
         if not 0 < ratio <= 1:
@@ -76,7 +81,8 @@ class PositiveRatioFilter:
         self.ratio = ratio
 
     def __call__(self, candidate_scores: torch.Tensor, positive_scores: torch.Tensor) -> torch.Tensor:
-        return candidate_scores <= self.ratio * positive_scores.unsqueeze(1)
+        pos = positive_scores.unsqueeze(1)  # (Q, 1)
+        return candidate_scores <= pos - pos.abs() * (1 - self.ratio)
 
 
 @hookimpl

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 import shared_dist
 
@@ -18,22 +18,29 @@ from .mining import NegativeStore, corpus_from_pairs, dynamic_negatives_dataset,
 logger = logging.getLogger(__name__)
 
 
-class DynamicHardNegativeMiningCallback(TrainerCallback):
+class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
     """Keeps hard negatives hard while training runs (Conan-embedding, section 3.2).
 
     Every ``interval`` steps an example whose negatives satisfy
     ``ratio · S_cur < S_init`` and ``|S_cur| < abs_bound`` moves to its next window of
     candidate ranks ``[(i−1)·n + skip, i·n + skip)``. The training dataset built by
-    :meth:`train_dataset` reads every row's negatives from the store when the row is loaded,
-    so the running dataloader serves the new negatives right away.
+    :meth:`train_dataset` reads every row's negatives from the store when the row is loaded;
+    a moved window is served from the next pass over the data (the next time the example is
+    drawn), so that the batches the sampler checked for false negatives are the batches trained.
 
     Works on every rank: observations are gathered through ``shared_dist`` before each check,
-    so every rank makes the same decisions. The store is saved into each checkpoint
-    (``dhnm_store.safetensors``) and restored when training resumes from one.
+    so every rank makes the same decisions. Its state (windows, scores, observations since the
+    last check, history) travels inside each checkpoint's ``trainer_state.json`` (transformers'
+    ``ExportableState``), so ``trainer.train(resume_from_checkpoint=DIR)`` continues exactly from
+    whatever folder ``DIR`` is, on every node that can read it. Keep
+    ``restore_callback_states_from_checkpoint`` at its default (False): the callback restores
+    itself. Check statistics (``dhnm/*``) go into the trainer's logs at every check step.
 
     Args:
         store: the :class:`~conan_st.mining.NegativeStore` (see :meth:`from_pairs`).
         queries, corpus: texts of the examples' queries and of the candidate documents.
+        positives: the examples' positive texts (kept by :meth:`from_pairs`): with them,
+            :meth:`train_dataset` refuses pairs whose rows are not the mined examples.
         loss: a :class:`~conan_st.CrossGPUBalancingLoss`; with ``score_source="loss"`` its
             similarities give S_cur for free.
         interval: steps between checks (100 in the paper).
@@ -55,6 +62,7 @@ class DynamicHardNegativeMiningCallback(TrainerCallback):
         score_source: str = "loss",
         rescore_sample: int | None = None,
         batch_size: int = 64,
+        positives: list[str] | None = None,
     ) -> None:
         if score_source not in ("loss", "rescore"):
             raise ValueError(f"score_source must be 'loss' or 'rescore', got {score_source!r}")
@@ -66,11 +74,14 @@ class DynamicHardNegativeMiningCallback(TrainerCallback):
             raise ValueError(f"interval must be >= 1, got {interval}")
         if len(queries) != len(store):
             raise ValueError(f"{len(queries)} queries for a store of {len(store)} examples")
-        self.store, self.queries, self.corpus = store, queries, corpus
+        if positives is not None and len(positives) != len(queries):
+            raise ValueError(f"{len(positives)} positives for {len(queries)} queries")
+        self.store, self.queries, self.corpus, self.positives = store, list(queries), corpus, positives
         self.interval, self.ratio, self.abs_bound = interval, ratio, abs_bound
         self.score_source, self.rescore_sample, self.batch_size = score_source, rescore_sample, batch_size
         self.history: list[dict[str, float]] = []
         self._pending: dict[int, float] = {}
+        self._unlogged: dict[str, float] = {}
         self.loss = loss
         if loss is not None and score_source == "loss":
             loss.score_observer = self._observe
@@ -119,17 +130,45 @@ class DynamicHardNegativeMiningCallback(TrainerCallback):
             positive_ratio=positive_ratio,
         )
         store = NegativeStore(cand, num_negatives, skip, end_policy, candidate_scores=scores)
-        return cls(store, list(pairs["anchor"]), corpus, **kwargs)
+        return cls(store, list(pairs["anchor"]), corpus, positives=list(pairs["positive"]), **kwargs)
 
     def train_dataset(self, pairs: Dataset, balanced: bool = True) -> Dataset:
-        """``pairs`` with negatives read live from the store (for ``make_balanced_datasets``)."""
+        """``pairs`` with negatives read live from the store (for ``make_balanced_datasets``).
+
+        Row ``i`` gets example ``i``'s negatives, so ``pairs`` must be the mined pairs, in the same
+        order: anything else (shuffled, filtered, another dataset of the same length) is refused.
+        """
+        for column, expected in (("anchor", self.queries), ("positive", self.positives)):
+            if expected is None or column not in pairs.column_names:
+                continue
+            got = list(pairs[column])
+            if _digest(got) != _digest(expected):
+                bad = next(
+                    (i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected))
+                )
+                raise ValueError(
+                    f"pairs do not match the examples the negatives were mined for: {column} of row {bad} "
+                    f"differs ({len(got)} rows given, {len(expected)} mined); pass the same pairs, in the "
+                    "same order, as to from_pairs"
+                )
         return dynamic_negatives_dataset(pairs, self.store, self.corpus, balanced)
 
     # ------------------------------------------------------------------ observations
 
     def _observe(self, example_ids: torch.Tensor, scores: torch.Tensor) -> None:
-        for i, s in zip(example_ids.tolist(), scores.tolist()):
+        # a row served under an older window (its window moved since this pass began) says
+        # nothing about the current window: drop it
+        current = self.store.is_current(example_ids)
+        for i, s in zip(example_ids.cpu()[current].tolist(), scores.cpu()[current].tolist()):
             self._pending[i] = s
+
+    def _sync_pending(self) -> dict[int, float]:
+        """Every rank's observations since the last check, merged (mean per example), in id order."""
+        merged: dict[int, list[float]] = {}
+        for part in shared_dist.gather_object(self._pending):
+            for i, s in part.items():
+                merged.setdefault(int(i), []).append(s)
+        return {i: sum(v) / len(v) for i, v in sorted(merged.items())}
 
     def check_now(self, model=None) -> dict[str, float]:
         """Sync observations across ranks, apply the rule, return the check's summary."""
@@ -145,15 +184,10 @@ class DynamicHardNegativeMiningCallback(TrainerCallback):
             s = rescore(model, self.store, self.queries, self.corpus, ids, self.batch_size)
             model.train(was_training)
             self._pending.update(zip(ids, s.tolist()))
-        merged: dict[int, list[float]] = {}
-        for part in shared_dist.gather_object(self._pending):
-            for i, s in part.items():
-                merged.setdefault(i, []).append(s)
+        merged = self._sync_pending()
         self._pending = {}
         if merged:
-            ids = torch.tensor(sorted(merged))
-            vals = torch.tensor([sum(merged[i]) / len(merged[i]) for i in sorted(merged)])
-            self.store.observe(ids, vals)
+            self.store.observe(torch.tensor(list(merged)), torch.tensor(list(merged.values())))
         summary = self.store.check(self.ratio, self.abs_bound)
         summary["observed"] = len(merged)
         return summary
@@ -161,27 +195,79 @@ class DynamicHardNegativeMiningCallback(TrainerCallback):
     # ------------------------------------------------------------------ trainer events
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0:  # resuming: restore the windows saved with that checkpoint
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self.store.load_state(ckpt)
-            logger.info("restored negative-mining state from %s", ckpt)
+        if state.global_step == 0:
+            return
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if not isinstance(saved, dict) or "store" not in saved.get("attributes", {}):
+            raise ValueError(
+                f"resuming at step {state.global_step}, but the checkpoint's trainer_state.json holds no "
+                f"{type(self).__name__} state: it was written without this callback"
+            )
+        self._load_attributes(saved["attributes"])
+        logger.info("restored negative-mining state of step %d", state.global_step)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # a fresh pass serves the current windows; a run resumed mid-epoch keeps the windows
+        # that pass was served with (restored), so it rebuilds the same batches
+        if float(state.epoch or 0.0).is_integer():
+            self.store.snapshot()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.interval:
+        is_check = state.global_step % self.interval == 0
+        if not is_check:
+            if control.should_save:
+                # the checkpoint must hold every rank's observations: rank 0 writes it
+                merged = self._sync_pending()
+                self._pending = merged if shared_dist.get_rank() == 0 else {}
             return
         summary = self.check_now(kwargs.get("model"))
         record = {"step": state.global_step, **{f"dhnm/{k}": v for k, v in summary.items()}}
         self.history.append(record)
-        state.log_history.append(record)
+        self._unlogged = {k: v for k, v in record.items() if k != "step"}
+        control.should_log = True
         logger.info(
             "step %d: %d of %d observed examples advanced (mean S_init %.3f, S_cur %.3f)",
             state.global_step,
             summary["advanced"],
             summary["checked"],
-            summary["mean_s_init"] if not math.isnan(summary["mean_s_init"]) else float("nan"),
+            summary["mean_s_init"],
             summary["mean_s_cur"],
         )
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.store.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # into the logs the trainer hands to the callbacks after this one (progress, and any
+        # tracker callback registered after it) and into state.log_history
+        if not self._unlogged or logs is None:
+            return
+        logs.update(self._unlogged)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._unlogged)
+        self._unlogged = {}
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state(self) -> dict[str, Any]:
+        """transformers' ``ExportableState``: written into every checkpoint's trainer_state.json."""
+        return {
+            "args": {},
+            "attributes": {
+                "store": self.store.state_dict(),
+                "pending": {str(i): s for i, s in self._pending.items()},
+                "history": self.history,
+            },
+        }
+
+    def _load_attributes(self, attributes: dict[str, Any]) -> None:
+        self.store.load_state_dict(attributes["store"])
+        self.history = list(attributes.get("history", []))
+        # rank 0 saved every rank's observations; the others start empty, as they were
+        pending = attributes.get("pending", {}) if shared_dist.get_rank() == 0 else {}
+        self._pending = {int(i): float(s) for i, s in pending.items()}
+
+
+def _digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()

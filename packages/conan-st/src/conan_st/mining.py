@@ -18,6 +18,13 @@ first S observed after a window is assigned; S_cur the latest one. With
 ``score_source="loss"`` (free) they come from the similarities the loss already computed for
 the rows it saw; with ``"rescore"`` every check re-embeds the queries and their negatives.
 
+Served windows: the dataset serves each example the window it had at the start of the
+current pass over the data (``NegativeStore.served``, snapshotted by the callback at every
+epoch start). A window that moves mid-epoch takes effect from the next pass — which is when an
+example is drawn again anyway. This keeps what the batch sampler checked for false negatives
+identical to what the loss trains on, lets a resumed run rebuild the same batches, and lets
+observations of a row served under an older window be told apart (and dropped).
+
 End of a candidate list (``end_policy``): ``"stay"`` (default) keeps an example on its last
 full window and counts it as exhausted; ``"wrap"`` starts again at window 0. An example whose
 list holds fewer than ``skip + n`` candidates (after filtering) uses its last ``n`` valid ones.
@@ -25,33 +32,44 @@ list holds fewer than ``skip + n`` candidates (after filtering) uses its last ``
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from tqdm.auto import tqdm
 
 from .hooks import get_negative_filter, get_search_backend
 
-# Retrieval rows carry their example id in the label column, below this value; STS rows carry
-# their score. Exact in float32 for ids < 2**24 - 10**6.
+# Retrieval rows carry their example id in the label column; STS rows carry their score. The
+# collator turns the label column into a float32 tensor, so the id is written into the BIT
+# PATTERN of a float32 at or below ID_LABEL_BASE (one ulp per id): exact for every id below
+# MAX_EXAMPLE_ID, where counting by whole numbers (ID_LABEL_BASE - id) stops being exact at 2**24.
 ID_LABEL_BASE = -1_000_000.0
+_BASE_BITS = int(np.float32(ID_LABEL_BASE).view(np.int32))
+MAX_EXAMPLE_ID = int(np.float32(-np.finfo(np.float32).max).view(np.int32)) - _BASE_BITS  # ~9.07e8
 
 
 def id_to_label(example_id: int) -> float:
-    return ID_LABEL_BASE - float(example_id)
+    if not 0 <= example_id <= MAX_EXAMPLE_ID:
+        raise ValueError(
+            f"example ids must be in [0, {MAX_EXAMPLE_ID}] to travel in a float32 label, got {example_id}"
+        )
+    return float(np.array(_BASE_BITS + example_id, dtype=np.int32).view(np.float32))
 
 
 def label_to_id(labels: torch.Tensor) -> torch.Tensor:
-    return (ID_LABEL_BASE - labels).round().long()
+    return labels.float().contiguous().view(torch.int32).long() - _BASE_BITS
 
 
 def is_id_label(labels: torch.Tensor) -> torch.Tensor:
-    return labels <= ID_LABEL_BASE + 0.5
+    return labels <= ID_LABEL_BASE
 
 
 # ----------------------------------------------------------------------------- embedding + search
@@ -159,7 +177,10 @@ class NegativeStore:
         self.valid = valid
         self.n, self.skip, self.end_policy = num_negatives, skip, end_policy
         q = candidates.shape[0]
-        self.window = torch.zeros(q, dtype=torch.long).share_memory_()  # read by dataloader workers
+        self.window = torch.zeros(q, dtype=torch.long)
+        # the window each example is SERVED with this pass (see the module docstring); shared
+        # memory because dataloader workers read it
+        self.served = torch.zeros(q, dtype=torch.long).share_memory_()
         self.s_init = torch.full((q,), float("nan"))
         self.s_cur = torch.full((q,), float("nan"))
         self.assignments = torch.ones(q, dtype=torch.long)  # how many windows each example has had
@@ -167,9 +188,9 @@ class NegativeStore:
     def __len__(self) -> int:
         return self.candidates.shape[0]
 
-    def window_span(self, i: int) -> tuple[int, int]:
-        """Ranks [start, stop) of example ``i``'s current window within its candidate list."""
-        w = int(self.window[i])
+    def window_span(self, i: int, window: int | None = None) -> tuple[int, int]:
+        """Ranks [start, stop) of example ``i``'s current (or given) window in its candidate list."""
+        w = int(self.window[i]) if window is None else window
         start = w * self.n + self.skip
         valid = int(self.valid[i])
         if start + self.n > valid:  # short list: the last n valid candidates
@@ -177,8 +198,23 @@ class NegativeStore:
         return start, start + self.n
 
     def negatives(self, i: int) -> list[int]:
+        """Corpus ids of example ``i``'s current window."""
         start, stop = self.window_span(i)
         return self.candidates[i, start:stop].tolist()
+
+    def served_negatives(self, i: int) -> list[int]:
+        """Corpus ids of the window example ``i`` is served with in this pass over the data."""
+        start, stop = self.window_span(i, int(self.served[i]))
+        return self.candidates[i, start:stop].tolist()
+
+    def snapshot(self) -> None:
+        """Serve every example its current window from now on (called at each epoch start)."""
+        self.served.copy_(self.window)
+
+    def is_current(self, example_ids: torch.Tensor) -> torch.Tensor:
+        """Which of ``example_ids`` were served the window they hold now (their scores count)."""
+        ids = example_ids.long().cpu()
+        return self.served[ids] == self.window[ids]
 
     def _can_advance(self, i: int) -> bool:
         return (int(self.window[i]) + 1) * self.n + self.skip + self.n <= int(self.valid[i])
@@ -195,6 +231,9 @@ class NegativeStore:
         """The paper's rule: advance examples with ratio·S_cur < S_init and |S_cur| < bound."""
         seen = ~torch.isnan(self.s_init) & ~torch.isnan(self.s_cur)
         easy = seen & (ratio * self.s_cur < self.s_init) & (self.s_cur.abs() < bound)
+        # the scores the rule saw, before advancing examples resets theirs
+        mean_init = float(self.s_init[seen].mean()) if seen.any() else math.nan
+        mean_cur = float(self.s_cur[seen].mean()) if seen.any() else math.nan
         advanced = exhausted = 0
         for i in easy.nonzero().flatten().tolist():
             if self._can_advance(i):
@@ -211,11 +250,35 @@ class NegativeStore:
             "checked": int(seen.sum()),
             "advanced": advanced,
             "exhausted": exhausted,
-            "mean_s_init": float(self.s_init[seen].nanmean()) if seen.any() else math.nan,
-            "mean_s_cur": float(self.s_cur[seen].nanmean()) if seen.any() else math.nan,
+            "mean_s_init": mean_init,
+            "mean_s_cur": mean_cur,
         }
 
     # -------------------------------------------------------------- persistence
+
+    _DYNAMIC = ("window", "served", "s_init", "s_cur", "assignments")
+
+    def fingerprint(self) -> str:
+        """sha256 of the candidate lists and window settings: what a saved state must match."""
+        h = hashlib.sha256(self.candidates.numpy().tobytes())
+        h.update(f"{tuple(self.candidates.shape)}/{self.n}/{self.skip}/{self.end_policy}".encode())
+        return h.hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state that changes while training, as JSON-safe text (safetensors, base64)."""
+        tensors = {k: getattr(self, k).contiguous() for k in self._DYNAMIC}
+        return {"fingerprint": self.fingerprint(), "tensors": base64.b64encode(save(tensors)).decode()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint():
+            raise ValueError(
+                "the saved negative-mining state was made for other candidate lists (different pairs, "
+                "corpus, mining model or window settings): build the callback exactly as in the run that "
+                "wrote the checkpoint (mine with the same model, e.g. the base model, not the checkpoint)"
+            )
+        tensors = load(base64.b64decode(state["tensors"]))
+        for k in self._DYNAMIC:
+            getattr(self, k).copy_(tensors[k])
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -223,6 +286,7 @@ class NegativeStore:
         tensors = {
             "candidates": self.candidates,
             "window": self.window,
+            "served": self.served,
             "s_init": self.s_init,
             "s_cur": self.s_cur,
             "assignments": self.assignments,
@@ -250,6 +314,7 @@ class NegativeStore:
         self.candidates.copy_(t["candidates"])
         self.valid = (self.candidates >= 0).sum(1)
         self.window.copy_(t["window"])
+        self.served.copy_(t.get("served", t["window"]))
         self.s_init.copy_(t["s_init"])
         self.s_cur.copy_(t["s_cur"])
         self.assignments.copy_(t["assignments"])
@@ -285,6 +350,10 @@ def dynamic_negatives_dataset(
     max_id = int(store.candidates.max())
     if max_id >= len(corpus):
         raise ValueError(f"candidate id {max_id} is not in the corpus of {len(corpus)} documents")
+    if balanced and len(pairs) - 1 > MAX_EXAMPLE_ID:
+        raise ValueError(
+            f"at most {MAX_EXAMPLE_ID + 1} examples can carry their id in the label, got {len(pairs)}"
+        )
     base = pairs.select_columns(["anchor", "positive"]).add_column("_example_id", list(range(len(pairs))))
     return base.with_transform(_NegativesTransform(store, corpus, balanced))
 
@@ -295,7 +364,7 @@ class _NegativesTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         ids = batch["_example_id"]
-        negs = [self.store.negatives(i) for i in ids]
+        negs = [self.store.served_negatives(i) for i in ids]
         out: dict[str, list[Any]] = {"anchor": batch["anchor"], "positive": batch["positive"]}
         for t in range(self.store.n):
             out[f"negative_{t + 1}"] = [self.corpus[row[t]] for row in negs]

@@ -113,7 +113,8 @@ def launch(
                 args,
                 results,
             ),
-            daemon=True,
+            # not daemonic, so a rank can start dataloader workers; the finally below ends every rank
+            daemon=False,
         )
         for r in range(world_size)
     ]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -178,6 +179,7 @@ class CrossGPUBalancingLoss(nn.Module):
             num_negatives=per_rank,
             dim=dim,
             example_ids=example_ids,
+            query_fingerprint=_fingerprint(columns[0]) if ret_rows.any() else None,
         )
 
     def _split_rows(self, features: list[dict[str, Tensor]], labels: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -208,6 +210,7 @@ class CrossGPUBalancingLoss(nn.Module):
         num_negatives: int | None = None,
         dim: int | None = None,
         example_ids: Tensor | None = None,
+        query_fingerprint: int | None = None,
     ) -> Any:
         """The loss from embeddings.
 
@@ -219,12 +222,16 @@ class CrossGPUBalancingLoss(nn.Module):
             num_negatives: j, negatives per query on this rank (for ranks without retrieval rows).
             dim: embedding size D (for ranks without retrieval rows).
             example_ids: (B,) ids of the retrieval rows, for ``score_observer``.
+            query_fingerprint: a hash of this rank's queries; on several processes the retrieval
+                ranks' fingerprints must agree (they share queries), else the step fails.
         """
         layout = TaskLayout.current(self.retrieval_ranks)
         ref = (retrieval or sts or [None])[0]
         if ref is None:
             raise ValueError("a batch with neither retrieval nor STS rows")
         zero = ref.sum() * 0.0  # keeps every rank's graph connected to the model
+        if layout.world_size > 1:  # a collective: every rank joins, with or without queries
+            _check_shared_queries(query_fingerprint if retrieval else None, layout, ref.device)
         ret_loss = self._retrieval_loss(
             retrieval, layout, num_negatives, dim or ref.shape[-1], zero, example_ids
         )
@@ -313,7 +320,55 @@ class CrossGPUBalancingLoss(nn.Module):
       primaryClass={cs.CL},
       url={https://arxiv.org/abs/2408.15710},
 }
+
+@online{su2022cosent,
+      title={CoSENT: A more efficient sentence vector scheme than Sentence-BERT},
+      author={Su, Jianlin},
+      year={2022},
+      month={Jan},
+      url={https://kexue.fm/archives/8847},
+}
 """
+
+
+_NO_QUERIES = -(2**62)
+
+
+def _fingerprint(feature: dict[str, Any]) -> int | None:
+    """A 56-bit hash of the tokenised rows (None for inputs without token ids)."""
+    ids = feature.get("input_ids")
+    if not isinstance(ids, Tensor):
+        return None
+    mask = feature.get("attention_mask")
+    ids = ids.detach().cpu()
+    mask = mask.detach().cpu().bool() if isinstance(mask, Tensor) else torch.ones_like(ids, dtype=torch.bool)
+    h = hashlib.blake2b(digest_size=7)
+    h.update(ids[mask].numpy().tobytes())
+    h.update(mask.sum(1).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _check_shared_queries(fingerprint: int | None, layout: TaskLayout, device: torch.device) -> None:
+    """One all-reduce (max of h and of -h): the retrieval ranks must hold the same queries.
+
+    Every rank joins, the STS ranks with a neutral value, and every rank sees the same result,
+    so a mismatch raises everywhere instead of silently scoring queries against negatives mined
+    for other queries (as the default sampler or ``fit()`` under DDP would feed it).
+    """
+    key = torch.tensor(
+        [fingerprint, -fingerprint] if fingerprint is not None else [_NO_QUERIES, _NO_QUERIES],
+        dtype=torch.int64,
+        device=device,
+    )
+    hi, neg_lo = shared_dist.reduce(key, op="max").tolist()
+    if hi != _NO_QUERIES and hi != -neg_lo:
+        raise DistributedOperationError(
+            f"the {layout.retrieval_ranks} retrieval ranks hold different queries in this step; "
+            "CrossGPUBalancingLoss needs the same (anchor, positive) rows on ranks 0..R-1 with the "
+            "negatives split among them: train with conan_st.TaskBalancedBatchSampler "
+            "(multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(...)); the default "
+            "sampler and fit() under DDP give every rank different rows"
+        )
 
 
 def _cos(a: Tensor, b: Tensor) -> Tensor:
