@@ -50,13 +50,15 @@ def _bench(batch: int, negatives: int, iters: int) -> dict[str, float]:
             loss = CrossGPUBalancingLoss(inner, retrieval_ranks=world, return_dict=False)
         loss.model = model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        # the same texts per rank for both losses; CBB ranks share queries, so the n negatives of
-        # rank r are the r-th slice of world*n negative columns (the same B*n rows per rank)
-        q = [f"query {rank} {i} about the topic number {i % 7} and a detail" for i in range(batch)]
-        p = [f"a passage answering query {rank} {i} about topic {i % 7} at some length" for i in range(batch)]
+        # texts of the same length for both losses; MNRL ranks hold different queries, CBB ranks
+        # share them (the loss checks it), and the n negatives of rank r are the r-th slice of
+        # world*n negative columns (the same B*n rows per rank)
+        who = rank if name == "mnrl" else 0
+        q = [f"query {who} {i} about the topic number {i % 7} and a detail" for i in range(batch)]
+        p = [f"a passage answering query {who} {i} about topic {i % 7} at some length" for i in range(batch)]
         ncols = negatives * (world if name == "cbb" else 1)
         negs = [
-            [f"an unrelated passage {t} for query {rank} {i} with other words" for i in range(batch)]
+            [f"an unrelated passage {t} for query {who} {i} with other words" for i in range(batch)]
             for t in range(ncols)
         ]
         feats = [_features(inner, col) for col in [q, p, *negs]]
