@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -142,7 +141,7 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             if expected is None or column not in pairs.column_names:
                 continue
             got = list(pairs[column])
-            if _digest(got) != _digest(expected):
+            if got != expected:
                 bad = next(
                     (i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected))
                 )
@@ -263,11 +262,3 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
         # rank 0 saved every rank's observations; the others start empty, as they were
         pending = attributes.get("pending", {}) if shared_dist.get_rank() == 0 else {}
         self._pending = {int(i): float(s) for i, s in pending.items()}
-
-
-def _digest(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()

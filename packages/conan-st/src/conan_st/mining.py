@@ -184,6 +184,7 @@ class NegativeStore:
         self.s_init = torch.full((q,), float("nan"))
         self.s_cur = torch.full((q,), float("nan"))
         self.assignments = torch.ones(q, dtype=torch.long)  # how many windows each example has had
+        self._fingerprint = self._hash_candidates()
 
     def __len__(self) -> int:
         return self.candidates.shape[0]
@@ -260,6 +261,10 @@ class NegativeStore:
 
     def fingerprint(self) -> str:
         """sha256 of the candidate lists and window settings: what a saved state must match."""
+        return self._fingerprint
+
+    def _hash_candidates(self) -> str:
+        # once per candidate matrix (it changes only in load_state), not at every checkpoint
         h = hashlib.sha256(self.candidates.numpy().tobytes())
         h.update(f"{tuple(self.candidates.shape)}/{self.n}/{self.skip}/{self.end_policy}".encode())
         return h.hexdigest()
@@ -283,14 +288,7 @@ class NegativeStore:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "candidates": self.candidates,
-            "window": self.window,
-            "served": self.served,
-            "s_init": self.s_init,
-            "s_cur": self.s_cur,
-            "assignments": self.assignments,
-        }
+        tensors = {"candidates": self.candidates, **{k: getattr(self, k) for k in self._DYNAMIC}}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "dhnm_store.safetensors"))
         meta = {"num_negatives": self.n, "skip": self.skip, "end_policy": self.end_policy}
         (folder / "dhnm_store.json").write_text(json.dumps(meta))
@@ -313,11 +311,10 @@ class NegativeStore:
             )
         self.candidates.copy_(t["candidates"])
         self.valid = (self.candidates >= 0).sum(1)
-        self.window.copy_(t["window"])
-        self.served.copy_(t.get("served", t["window"]))
-        self.s_init.copy_(t["s_init"])
-        self.s_cur.copy_(t["s_cur"])
-        self.assignments.copy_(t["assignments"])
+        self._fingerprint = self._hash_candidates()
+        t.setdefault("served", t["window"])  # files written before the served snapshot existed
+        for k in self._DYNAMIC:
+            getattr(self, k).copy_(t[k])
 
     @classmethod
     def load(cls, folder: str | Path) -> NegativeStore:
