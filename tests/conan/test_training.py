@@ -70,18 +70,49 @@ def test_matryoshka_wrapping(minilm):
     feats, labels = collate(minilm, mixed_rows())
     inner = CrossGPUBalancingLoss(minilm)
     dims = [384, 64]
-    total = MatryoshkaLoss(minilm, inner, matryoshka_dims=dims)(feats, labels)
-    assert total.dim() == 0 and total.requires_grad
+    terms = MatryoshkaLoss(minilm, inner, matryoshka_dims=dims)(feats, labels)
+    # the terms survive the wrapper's weighted sum, so the trainer still logs each of them
+    assert set(terms) == {"retrieval", "sts"} and all(
+        v.dim() == 0 and v.requires_grad for v in terms.values()
+    )
+    total = sum(terms.values())
     rows = mixed_rows()
     ret, sts = rows[:3], rows[3:]
     enc = lambda texts, d: minilm.encode(texts, convert_to_tensor=True)[:, :d]  # noqa: E731
-    expect = 0.0
+    expect = {"retrieval": 0.0, "sts": 0.0}
     for d in dims:
         e = [enc([r[c] for r in ret], d) for c in ("anchor", "positive", "negative_1", "negative_2")]
         s = [enc([r[c] for r in sts], d) for c in ("sentence1", "sentence2")]
         out = inner.compute_loss_from_embeddings(e, s, torch.tensor([r["score"] for r in sts]))
-        expect += float(out["retrieval"] + out["sts"])
-    assert total.item() == pytest.approx(expect, rel=1e-4)
+        for k in expect:
+            expect[k] += float(out[k])
+    assert total.item() == pytest.approx(sum(expect.values()), rel=1e-4)
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(expect, rel=1e-4)
+
+
+def test_adaptive_layer_wrappers(minilm):
+    """AdaptiveLayerLoss calls the loss again on the same features to reuse the cached layers."""
+    import random
+
+    from sentence_transformers.sentence_transformer.losses import (
+        AdaptiveLayerLoss,
+        Matryoshka2dLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    minilm.eval()  # no dropout: the two wrapped losses see the same embeddings
+    rows = mixed_rows(4, 0)[:4]
+    with torch.no_grad():
+        values = []
+        for inner in (CrossGPUBalancingLoss(minilm), MultipleNegativesRankingLoss(minilm)):
+            random.seed(0)  # the same sampled layer for both
+            feats, _ = collate(minilm, rows)
+            values.append(AdaptiveLayerLoss(minilm, inner)(feats[:4], None).item())
+    # on one process, retrieval rows alone: the loss is MNRL with hard negatives
+    assert values[0] == pytest.approx(values[1], rel=1e-4)
+    feats, labels = collate(minilm, mixed_rows())
+    loss = Matryoshka2dLoss(minilm, CrossGPUBalancingLoss(minilm), [384, 64])(feats, labels)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
 
 
 def test_trainer_every_step_carries_both_tasks(fresh_minilm, tmp_path):

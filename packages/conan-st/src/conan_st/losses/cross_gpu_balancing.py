@@ -57,7 +57,9 @@ class CrossGPUBalancingLoss(nn.Module):
                 STS batch. Must agree with :class:`~conan_st.TaskBalancedBatchSampler`.
             sts_score_range: declared (min, max) of STS scores; scores outside raise. None: no check.
             return_dict: return ``{"retrieval": ..., "sts": ...}`` so the trainer logs each term.
-                Inside :class:`MatryoshkaLoss` (which adds up scalar losses) the sum is returned.
+                The dict scales and adds term by term, so :class:`MatryoshkaLoss` keeps the terms
+                apart; inside :class:`AdaptiveLayerLoss` / ``Matryoshka2dLoss`` (which add a
+                KL tensor to the loss) the sum is returned.
 
         References:
             - Li et al., Conan-embedding: General Text Embedding with More and Better Negative
@@ -242,8 +244,8 @@ class CrossGPUBalancingLoss(nn.Module):
             "retrieval": ret_loss * layout.retrieval_weight,
             "sts": sts_loss * self.sts_weight * layout.sts_weight,
         }
-        if self.return_dict and not _inside_matryoshka(self.model):
-            return out
+        if self.return_dict and "adaptive_layer" not in _wrapping_losses(self.model):
+            return LossTerms(out)
         return out["retrieval"] + out["sts"]
 
     def _retrieval_loss(
@@ -382,12 +384,23 @@ def _batch_size(feature: dict[str, Any]) -> int:
     raise ValueError("could not infer the batch size of a feature column")
 
 
+_SELECTED = "_conan_st_selected"
+
+
 def _select_rows(feature: dict[str, Any], rows: Tensor) -> dict[str, Any]:
-    """Keep ``rows`` of every batch tensor and trim padding columns no kept row uses."""
+    """Keep ``rows`` of every batch tensor and trim padding columns no kept row uses.
+
+    The same ``feature`` and ``rows`` give back the SAME dict: wrappers that call the loss again
+    on the same features (``AdaptiveLayerLoss``) find what the model cached in it (all layers).
+    """
+    cached = feature.get(_SELECTED)
+    if cached is not None and torch.equal(cached[0], rows):
+        return cached[1]
     n = rows.shape[0]
     out = {
         k: (v[rows] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v)
         for k, v in feature.items()
+        if k != _SELECTED
     }
     mask = out.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] and mask.any():
@@ -395,9 +408,40 @@ def _select_rows(feature: dict[str, Any], rows: Tensor) -> dict[str, Any]:
         for k, v in out.items():
             if isinstance(v, Tensor) and v.dim() == 2 and v.shape == mask.shape:
                 out[k] = v[:, :width]
+    feature[_SELECTED] = (rows, out)
     return out
 
 
-def _inside_matryoshka(model: nn.Module) -> bool:
-    """MatryoshkaLoss swaps the model's forward for its ForwardDecorator and adds up scalars."""
-    return type(getattr(model, "forward", None)).__name__ == "ForwardDecorator"
+def _wrapping_losses(model: nn.Module) -> set[str]:
+    """Modules of the sentence-transformers loss wrappers (``matryoshka``, ``adaptive_layer``) whose
+    ``ForwardDecorator`` currently wraps the model's forward, outermost first."""
+    found, fn = set(), getattr(model, "forward", None)
+    while type(fn).__name__ == "ForwardDecorator":
+        found.add(type(fn).__module__.rsplit(".", 1)[-1])
+        fn = getattr(fn, "fn", None)
+    return found
+
+
+class LossTerms(dict):
+    """Loss terms by name that scale and add term by term.
+
+    Wrappers that combine losses linearly (``MatryoshkaLoss``: ``loss = 0.0; loss += w * inner(...)``)
+    then hand the trainer a dict, which it logs per term and sums for the backward pass.
+    """
+
+    def __mul__(self, weight: Any) -> LossTerms:
+        return LossTerms({k: v * weight for k, v in self.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, weight: Any) -> LossTerms:
+        return LossTerms({k: v / weight for k, v in self.items()})
+
+    def __add__(self, other: Any) -> LossTerms:
+        if isinstance(other, dict):
+            return LossTerms({k: self.get(k, 0.0) + other.get(k, 0.0) for k in {**self, **other}})
+        if isinstance(other, (int, float)) and other == 0:  # the wrappers' running sum starts at 0.0
+            return LossTerms(self)
+        return NotImplemented
+
+    __radd__ = __add__
