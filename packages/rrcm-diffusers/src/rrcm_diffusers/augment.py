@@ -13,12 +13,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _rand(n: int, g: torch.Generator | None, device) -> torch.Tensor:
+    """U[0, 1) drawn on the generator's device, then moved (as diffusers' ``randn_tensor`` does)."""
+    return torch.rand(n, generator=g, device=g.device if g is not None else device).to(device)
+
+
 def _u(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+    return lo + (hi - lo) * _rand(n, g, device)
 
 
 def _coin(n: int, p: float, g: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) < p
+    return _rand(n, g, device) < p
 
 
 def random_resized_crop(x, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), generator=None) -> torch.Tensor:
@@ -27,8 +32,8 @@ def random_resized_crop(x, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), generator=No
     log_r = _u(b, math.log(ratio[0]), math.log(ratio[1]), generator, dev)
     w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)  # fraction of the width kept
     h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
-    cx = (2 * torch.rand(b, generator=generator, device=dev) - 1) * (1 - w)
-    cy = (2 * torch.rand(b, generator=generator, device=dev) - 1) * (1 - h)
+    cx = (2 * _rand(b, generator, dev) - 1) * (1 - w)
+    cy = (2 * _rand(b, generator, dev) - 1) * (1 - h)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)  # (B, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from scipy.stats import beta, binomtest, norm
 from tqdm.auto import tqdm
 
@@ -75,7 +76,10 @@ def sample_counts(
 ) -> torch.Tensor:
     """Votes of ``classifier`` over ``num`` noisy copies of one image (C, H, W) → (K,)."""
     device = image.device
-    counts: torch.Tensor | None = None if num_classes is None else torch.zeros(num_classes, dtype=torch.long)
+    # votes stay on the device (no host sync per batch); one copy to the host at the end
+    counts: torch.Tensor | None = (
+        None if num_classes is None else torch.zeros(num_classes, dtype=torch.long, device=device)
+    )
     pending: list[torch.Tensor] = []  # noise not yet classified
     pending_rows = 0
     drawn = 0
@@ -83,8 +87,10 @@ def sample_counts(
         # 1. draw noise in fixed chunks (independent of batch_size) until a batch is ready
         while pending_rows < batch_size and drawn < num:
             k = min(NOISE_CHUNK, num - drawn)
+            # drawn on the generator's device, then moved: a CPU generator gives the same noise,
+            # and so the same certificates, whatever device the images are on
             pending.append(
-                torch.randn((k, *image.shape), generator=generator, device=device, dtype=image.dtype)
+                randn_tensor((k, *image.shape), generator=generator, device=device, dtype=image.dtype)
             )
             pending_rows += k
             drawn += k
@@ -94,10 +100,10 @@ def sample_counts(
         # 2. classify the noisy batch and count votes
         logits = classifier(torch.add(image.unsqueeze(0), batch_noise, alpha=sigma))  # (b, K), one fused op
         if counts is None:
-            counts = torch.zeros(logits.shape[-1], dtype=torch.long)
-        counts += torch.bincount(logits.argmax(-1).cpu(), minlength=counts.numel())
+            counts = torch.zeros(logits.shape[-1], dtype=torch.long, device=device)
+        counts += torch.bincount(logits.argmax(-1).to(device), minlength=counts.numel())
     assert counts is not None
-    return counts
+    return counts.cpu()
 
 
 def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:

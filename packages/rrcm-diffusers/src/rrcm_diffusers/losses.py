@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 import shared_dist
@@ -83,7 +84,7 @@ class RRCMPretrainingLoss(nn.Module):
         eps = (
             noise
             if noise is not None
-            else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         )
         sigmas = karras_sigmas(num_scales)
         s_n, s_next = float(sigmas[grid_index]), float(sigmas[grid_index + 1])  # s_n > s_next
@@ -155,7 +156,7 @@ class RRCMFinetuningLoss(nn.Module):
         if labels.shape != (b,):
             raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
         x = images.repeat(self.m, 1, 1, 1)  # (m*B, C, H, W), copy i of image j at row i*B + j
-        x = x + 2.0 * self.sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + 2.0 * self.sigma * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         logits = model(x, self.grid_sigma).logits  # (m*B, K)
         ce = F.cross_entropy(logits, labels.repeat(self.m))
         log_p = F.log_softmax(logits, dim=-1).view(self.m, b, -1)  # (m, B, K)

@@ -69,7 +69,8 @@ def icm_stage_length(total_steps: int, s0: int = 20, s1: int = 80) -> int:
 
 def sample_grid_index(num_scales: int, generator: torch.Generator | None = None) -> int:
     """One index n ~ U{0..N-2} for the whole batch, the same on every rank (rank 0 draws)."""
-    n = int(torch.randint(0, num_scales - 1, (1,), generator=generator).item())
+    device = generator.device if generator is not None else None  # drawn where the generator lives
+    n = int(torch.randint(0, num_scales - 1, (1,), generator=generator, device=device).item())
     return int(shared_dist.broadcast_object(n, src=0))
 
 
