@@ -4,9 +4,9 @@
         --pretrained runs/pre/online --sigma 0.5 --out runs/ft-0.5
 
 Linear probe (backbone frozen), then full fine-tuning with the head trainable, layer-wise lr
-decay, 2σ noise with nearest-grid conditioning and the consistency loss. Writes OUT/log.jsonl,
-OUT/final (the model) and OUT/pipeline (the certification pipeline), and prints the noisy
-test accuracy.
+decay, 2σ noise with nearest-grid conditioning and the consistency loss. Writes OUT/log.jsonl and
+OUT/final, the certification pipeline with its model card (`RRCMPipeline.from_pretrained(OUT/final)`),
+and prints the noisy test accuracy.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 
 from accelerate import Accelerator
 
-from rrcm_diffusers import RRCMModel, RRCMPipeline
+from rrcm_diffusers import RRCMModel
 from rrcm_diffusers.data import load_dataset
-from rrcm_diffusers.experiment import _dataclass, cm_scheduler, load_config
+from rrcm_diffusers.experiment import _dataclass, load_config
 from rrcm_diffusers.training import FinetuneConfig, finetune, noisy_accuracy
 
 
@@ -34,9 +34,10 @@ def main() -> None:
     x, y = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
     model = RRCMModel.from_pretrained(args.pretrained).for_classification(int(y.max()) + 1)
     fcfg = _dataclass(FinetuneConfig, cfg["finetune"], sigma=args.sigma, seed=cfg["seed"])
-    model, _ = finetune(model, x, y, fcfg, accelerator, args.out)
+    model, _ = finetune(
+        model, x, y, fcfg, accelerator, args.out, data=f"{cfg['dataset']} train ({len(x)} images)"
+    )
     if accelerator.is_main_process:
-        RRCMPipeline(model=model, scheduler=cm_scheduler()).save_pretrained(f"{args.out}/pipeline")
         xt, yt = load_dataset(cfg["dataset"], "test", cfg["data_dir"])
         acc = {str(s): noisy_accuracy(model, xt[:1000], yt[:1000], s) for s in (None, args.sigma)}
         print(json.dumps({"sigma": args.sigma, "test_accuracy_first1000": acc}))

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from rrcm_diffusers import RRCMModel
+from rrcm_diffusers import RRCMModel, RRCMPipeline
 from rrcm_diffusers.data import load_mnist, strided_class_subset
 from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
 from rrcm_diffusers.report import RADII, write_report
@@ -178,4 +178,5 @@ def test_examples_run_under_accelerate_with_two_processes(tmp_path, data_dir):
     assert ft.returncode == 0, ft.stderr[-3000:]
     acc = json.loads(ft.stdout.strip().splitlines()[-1])["test_accuracy_first1000"]
     assert acc["None"] > 0.1  # better than chance on 10 classes after a few steps
-    assert (tmp_path / "ft" / "pipeline" / "model_index.json").is_file()
+    pipe = RRCMPipeline.from_pretrained(tmp_path / "ft" / "final")  # the fine-tuning output, in one line
+    assert pipe.model.classifier is not None and (tmp_path / "ft" / "final" / "README.md").is_file()

@@ -11,9 +11,10 @@ from __future__ import annotations
 from .certification import CertifyResult, PredictResult, certify, predict
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
 from .modeling_rrcm import GatheredBatchNorm1d, RRCMModel, RRCMModelOutput, info_nce
-from .pipeline_rrcm import RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput
+from .pipeline_rrcm import CITATION, RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput, write_model_card
 from .trajectory import (
     grid_index_for_sigma,
+    grid_scheduler,
     grid_sigma_for_sigma,
     icm_num_scales,
     icm_stage_length,
@@ -23,14 +24,6 @@ from .trajectory import (
 
 __version__ = "0.1.0"
 
-CITATION = """@inproceedings{lei2025robust,
-  title={Robust Representation Consistency Model via Contrastive Denoising},
-  author={Lei, Jiachen and Berner, Julius and Wang, Jiongxiao and Chen, Zhongzhu and Ba, Zhongjia},
-  booktitle={International Conference on Learning Representations},
-  year={2025},
-  eprint={2501.13094},
-  archivePrefix={arXiv}
-}"""
 
 __all__ = [
     "CITATION",
@@ -47,6 +40,7 @@ __all__ = [
     "certify",
     "ema_rate",
     "grid_index_for_sigma",
+    "grid_scheduler",
     "grid_sigma_for_sigma",
     "icm_num_scales",
     "icm_stage_length",
@@ -55,4 +49,5 @@ __all__ = [
     "predict",
     "sample_grid_index",
     "update_ema",
+    "write_model_card",
 ]

@@ -26,7 +26,7 @@ from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
 from .pipeline_rrcm import RRCMPipeline
 from .report import certify_methods, markdown_table, write_report
 from .training import FinetuneConfig, PretrainConfig, finetune, linear_probe_accuracy, pretrain
-from .trajectory import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from .trajectory import CERTIFY_NUM_SCALES, grid_scheduler
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "mnist",
@@ -71,9 +71,7 @@ def _dataclass(cls, values: dict[str, Any], **extra: Any):
 
 
 def cm_scheduler() -> CMStochasticIterativeScheduler:
-    return CMStochasticIterativeScheduler(
-        num_train_timesteps=81, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, rho=7
-    )
+    return grid_scheduler(CERTIFY_NUM_SCALES)
 
 
 def run(

@@ -15,7 +15,7 @@ from torch import nn
 import shared_dist
 
 from .hooks import build_backbone
-from .trajectory import c_in, c_noise
+from .trajectory import CERTIFY_NUM_SCALES, c_in, c_noise
 
 
 @dataclass
@@ -93,6 +93,8 @@ class RRCMModel(ModelMixin, ConfigMixin):
         projection_hidden_dim, projection_dim (`int`): projector sizes; `projection_dim=0` drops it.
         num_classes (`int`): classifier outputs; 0 = no classifier.
         sigma_data (`float`): σ_data of the EDM parameterisation.
+        num_scales (`int`): N of the Karras grid the model is conditioned on at fine-tuning and
+            certification (81); a pipeline refuses a scheduler with another grid.
     """
 
     @register_to_config
@@ -111,6 +113,7 @@ class RRCMModel(ModelMixin, ConfigMixin):
         projection_dim: int = 128,
         num_classes: int = 0,
         sigma_data: float = 0.5,
+        num_scales: int = CERTIFY_NUM_SCALES,
     ) -> None:
         super().__init__()
         kwargs = dict(backbone_kwargs or {})

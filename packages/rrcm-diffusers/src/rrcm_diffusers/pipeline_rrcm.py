@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import CMStochasticIterativeScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
+from huggingface_hub import ModelCard
 
 from .certification import certify, predict
 from .modeling_rrcm import RRCMModel
-from .trajectory import grid_sigma_for_sigma
+from .trajectory import RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, grid_sigma_for_sigma
+
+CITATION = """@inproceedings{lei2025robust,
+  title={Robust Representation Consistency Model via Contrastive Denoising},
+  author={Lei, Jiachen and Berner, Julius and Wang, Jiongxiao and Chen, Zhongzhu and Ba, Zhongjia},
+  booktitle={International Conference on Learning Representations},
+  year={2025},
+  eprint={2501.13094},
+  archivePrefix={arXiv}
+}"""
 
 
 @dataclass
@@ -54,13 +66,32 @@ class RRCMPipeline(DiffusionPipeline):
 
     Args:
         model ([`RRCMModel`]): a fine-tuned model with a classifier head.
-        scheduler ([`CMStochasticIterativeScheduler`]): defines the Karras grid (N = 81 by default).
+        scheduler ([`CMStochasticIterativeScheduler`], *optional*): the Karras grid; it must be the
+            grid the model was fine-tuned on (``model.config.num_scales`` points, σ_min 0.002,
+            σ_max 80, ρ 7), which is the default. Another grid would silently move the
+            conditioning level (σ = 0.5: 0.9654 on 81 points, 1.0717 on 40), so it is refused.
     """
 
     model_cpu_offload_seq = "model"
+    _optional_components: ClassVar[list[str]] = [
+        "scheduler"
+    ]  # a component (saved, loaded) that may be omitted: the model's grid
 
-    def __init__(self, model: RRCMModel, scheduler: CMStochasticIterativeScheduler) -> None:
+    def __init__(self, model: RRCMModel, scheduler: CMStochasticIterativeScheduler | None = None) -> None:
         super().__init__()
+        expected = grid_scheduler(model.config.get("num_scales", 81))
+        if scheduler is None:
+            scheduler = expected
+        keys = ("num_train_timesteps", "sigma_min", "sigma_max", "rho")
+        got = {k: scheduler.config.get(k) for k in keys}
+        if got != {k: expected.config[k] for k in keys}:
+            raise ValueError(
+                f"scheduler grid {got} is not the grid the model was fine-tuned on "
+                f"(num_train_timesteps={expected.config.num_train_timesteps}, sigma_min={SIGMA_MIN}, "
+                f"sigma_max={SIGMA_MAX}, rho={RHO}): it would condition the model on other noise levels. "
+                "Omit `scheduler` (the default is the model's grid) or pass "
+                f"rrcm_diffusers.grid_scheduler({expected.config.num_train_timesteps})"
+            )
         self.register_modules(model=model, scheduler=scheduler)
 
     def classifier(self, sigma: float):
@@ -170,3 +201,60 @@ class RRCMPipeline(DiffusionPipeline):
 
     def _progress_disabled(self) -> bool:
         return bool(getattr(self, "_progress_bar_config", {}).get("disable", False))
+
+
+def write_model_card(
+    folder: str | Path,
+    *,
+    sigma: float,
+    data: str,
+    steps: dict[str, int],
+    certified: dict[str, float] | None = None,
+) -> Path:
+    """A diffusers-style model card (``README.md``) for a saved :class:`RRCMPipeline` folder.
+
+    States the smoothing σ, the training data, the training steps and, when known, certified
+    accuracy (e.g. ``{"r=0.5": 0.68}``).
+    """
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in (certified or {}).items())
+    table = f"| radius | certified accuracy |\n|---|---|\n{rows}" if rows else "Not measured yet."
+    steps_text = ", ".join(f"{name}: {n}" for name, n in steps.items())
+    content = f"""---
+library_name: diffusers
+tags:
+- rrcm
+- randomized-smoothing
+- certified-robustness
+---
+
+# rRCM certifiably robust classifier (σ = {sigma})
+
+An `RRCMPipeline` (rrcm-diffusers): a noise-conditioned encoder pretrained along diffusion noise
+trajectories and fine-tuned with a linear head, certified with randomized smoothing.
+
+- Smoothing noise σ = {sigma} (in [0, 1] pixel space)
+- Training data: {data}
+- Training steps: {steps_text}
+
+## Certified accuracy
+
+{table}
+
+## Usage
+
+```python
+from rrcm_diffusers import RRCMPipeline
+
+pipe = RRCMPipeline.from_pretrained("path/to/this/folder")
+out = pipe.certify(images, sigma={sigma}, n0=100, n=100_000, alpha=0.001)
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    path = Path(folder) / "README.md"
+    ModelCard(content).save(path)
+    return path

@@ -25,6 +25,7 @@ from .augment import light_view, strong_view
 from .data import to_model_space
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
 from .modeling_rrcm import RRCMModel
+from .pipeline_rrcm import RRCMPipeline, write_model_card
 from .trajectory import grid_sigma_for_sigma, icm_num_scales, sample_grid_index
 
 
@@ -284,11 +285,14 @@ def finetune(
     accelerator: Accelerator | None = None,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    data: str | None = None,
 ) -> tuple[RRCMModel, list[dict]]:
     """Linear probe (backbone frozen, ``probe_steps``), then full fine-tuning with the head
     trainable and layer-wise lr decay (``steps``), on 2σ-noisy copies with the consistency loss.
 
-    ``model`` must have a classifier (``RRCMModel.for_classification``).
+    ``model`` must have a classifier (``RRCMModel.for_classification``). With ``output_dir``,
+    ends with ``output_dir/final``: an :class:`RRCMPipeline` folder (``RRCMPipeline.from_pretrained``)
+    with a model card stating σ, ``data`` (a description of the training images) and the steps.
     """
     if model.classifier is None:
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
@@ -346,7 +350,13 @@ def finetune(
     model = accelerator.unwrap_model(model)
     model.requires_grad_(True)
     if out is not None and accelerator.is_main_process:
-        model.save_pretrained(out / "final")
+        RRCMPipeline(model=model).save_pretrained(out / "final")
+        write_model_card(
+            out / "final",
+            sigma=config.sigma,
+            data=data or f"{images.shape[0]} images of shape {tuple(images.shape[1:])}",
+            steps={"linear probe": config.probe_steps, "fine-tuning": config.steps},
+        )
         (out / "finetune_config.json").write_text(json.dumps(asdict(config)))
     return model, history
 

@@ -23,8 +23,8 @@ RHO = 7.0
 CERTIFY_NUM_SCALES = 81  # the grid used for fine-tuning and certification
 
 
-@lru_cache(maxsize=16)
-def _scheduler(num_scales: int) -> CMStochasticIterativeScheduler:
+def grid_scheduler(num_scales: int = CERTIFY_NUM_SCALES) -> CMStochasticIterativeScheduler:
+    """The diffusers scheduler whose Karras grid rRCM trains on and conditions with (N points)."""
     return CMStochasticIterativeScheduler(
         num_train_timesteps=num_scales,
         sigma_min=SIGMA_MIN,
@@ -32,6 +32,9 @@ def _scheduler(num_scales: int) -> CMStochasticIterativeScheduler:
         sigma_data=SIGMA_DATA,
         rho=RHO,
     )
+
+
+_scheduler = lru_cache(maxsize=16)(grid_scheduler)  # read-only uses: one instance per N
 
 
 def karras_sigmas(num_scales: int) -> torch.Tensor:
