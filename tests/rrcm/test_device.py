@@ -14,6 +14,7 @@ from diffusers import CMStochasticIterativeScheduler
 from rrcm_diffusers import RRCMPipeline, RRCMPretrainingLoss, sample_grid_index
 from rrcm_diffusers.augment import light_view, strong_view
 from rrcm_diffusers.certification import sample_counts
+from rrcm_diffusers.pipeline_dds import small_unet, train_ddpm
 from tests.rrcm.conftest import tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -38,6 +39,17 @@ def test_draws_name_their_device():
     assert 0 <= n <= 79
     assert counts.device.type == "cpu" and int(counts.sum()) == 70
     assert all(v.device.type == "cpu" and v.shape[0] == 3 for v in views)
+
+
+def test_ddpm_training_follows_the_unet_device():
+    from diffusers import DDPMScheduler
+
+    images = (torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    unet, scheduler = small_unet(28, 1), DDPMScheduler(num_train_timesteps=1000)
+    with torch.device("meta"):  # a draw that names no device would land here and fail
+        losses = train_ddpm(unet, scheduler, images, 2, 4, progress=False)
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
 
 
 def _pipe(device: str) -> RRCMPipeline:

@@ -155,15 +155,14 @@ def certify(
 ) -> CertifyResult:
     """Cohen's CERTIFY: pick c_A with ``n0`` samples, count it over ``n`` fresh samples,
     bound p_A from below (one-sided Clopper–Pearson at level ``alpha``); abstain when the
-    bound is < 0.5, else certify the L2 radius σ·Φ⁻¹(p_A_lower)."""
+    bound is < 0.5, else certify the L2 radius σ·Φ⁻¹(p_A_lower).
+
+    The ``n0`` selection samples and the ``n`` estimation samples are independent draws, so any
+    sizes are valid (Cohen's algorithm allows ``n0 > n``)."""
     images = _check_images(images)
     _check_common(sigma, alpha, batch_size)
     if n0 <= 0 or n <= 0:
         raise ValueError(f"n0 and n must be > 0, got n0={n0}, n={n}")
-    if n0 > n:
-        raise ValueError(
-            f"n0 (selection samples) must not exceed n (estimation samples), got n0={n0} > n={n}"
-        )
     preds, radii, lows, votes = [], [], [], []
     for image in tqdm(images, disable=not progress, desc="certify"):
         c_a = int(sample_counts(classifier, image, sigma, n0, batch_size, generator=generator).argmax())

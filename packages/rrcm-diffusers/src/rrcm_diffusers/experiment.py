@@ -186,7 +186,14 @@ def run(
         timed(
             "train_dds_unet",
             lambda: train_ddpm(
-                unet, sched, x_train, d["unet_steps"], d["batch_size"], seed=cfg["seed"], progress=progress
+                unet,
+                sched,
+                x_train,
+                d["unet_steps"],
+                d["batch_size"],
+                seed=cfg["seed"],
+                progress=progress,
+                device=accelerator.device,
             ),
         )
         clean = FinetuneConfig(

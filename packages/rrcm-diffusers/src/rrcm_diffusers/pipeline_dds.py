@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .certification import certify, predict
@@ -129,23 +130,33 @@ def train_ddpm(
     lr: float = 2e-4,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> list[float]:
-    """Standard DDPM training (ε-prediction, uniform t) on uint8 images; returns the losses."""
+    """Standard DDPM training (ε-prediction, uniform t) on uint8 images; returns the losses.
+
+    Trains on ``device`` (default: where ``unet`` is). Draws come from one CPU generator and
+    are moved there, so the run is the same on every device for a given seed.
+    """
     from .data import to_model_space
 
+    unet = unet.to(device) if device is not None else unet
+    device = unet.device
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     unet.train()
-    losses = []
+    losses = []  # on the device: no host sync per step
     for _ in tqdm(range(steps), disable=not progress, desc="ddpm"):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
-        x0 = to_model_space(images[idx])
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g, device=g.device)
+        x0 = to_model_space(images[idx]).to(device)  # (B, C, H, W)
+        noise = randn_tensor(x0.shape, generator=g, device=device, dtype=x0.dtype)
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=g, device=g.device
+        )
+        t = t.to(device)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist() if losses else []
