@@ -10,8 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
 # Torch first, from the pinned CPU build: a bare `torch` would resolve a multi-GB CUDA wheel.
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-# shared-dist editable first; the other two then name it by version (SHARED_DIST_BY_NAME),
-# not by path, so pip keeps the editable install instead of replacing it with a copy.
-.venv/bin/python -m pip install -q -c constraints.txt -e packages/shared-dist
-SHARED_DIST_BY_NAME=1 .venv/bin/python -m pip install -q -c constraints.txt \
-    -e packages/rrcm-diffusers -e packages/conan-st --group dev
+# The packages name shared-dist by version (as on an index); installing the checkout's
+# shared-dist in the same command satisfies that requirement with the editable copy.
+.venv/bin/python -m pip install -q -c constraints.txt \
+    -e packages/shared-dist -e packages/rrcm-diffusers -e packages/conan-st --group dev

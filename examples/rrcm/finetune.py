@@ -28,9 +28,13 @@ def main() -> None:
     parser.add_argument("--pretrained", required=True, help="folder of a pretrained RRCMModel")
     parser.add_argument("--sigma", type=float, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--log_with", default=None, help="accelerate trackers: tensorboard, wandb, all, ... (default: none)"
+    )
     args = parser.parse_args()
     cfg = load_config(args.config)
-    accelerator = Accelerator()
+    accelerator = Accelerator(log_with=args.log_with, project_dir=args.out)
+    accelerator.init_trackers("rrcm-finetune", config={k: v for k, v in vars(args).items() if v is not None})
     x, y = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
     model = RRCMModel.from_pretrained(args.pretrained).for_classification(int(y.max()) + 1)
     fcfg = _dataclass(FinetuneConfig, cfg["finetune"], sigma=args.sigma, seed=cfg["seed"])
@@ -41,6 +45,7 @@ def main() -> None:
         xt, yt = load_dataset(cfg["dataset"], "test", cfg["data_dir"])
         acc = {str(s): noisy_accuracy(model, xt[:1000], yt[:1000], s) for s in (None, args.sigma)}
         print(json.dumps({"sigma": args.sigma, "test_accuracy_first1000": acc}))
+    accelerator.end_training()  # flush and close the trackers
 
 
 if __name__ == "__main__":

@@ -28,11 +28,15 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=None, help="override pretrain.steps")
+    parser.add_argument(
+        "--log_with", default=None, help="accelerate trackers: tensorboard, wandb, all, ... (default: none)"
+    )
     args = parser.parse_args()
     cfg = load_config(args.config)
     if args.steps:
         cfg["pretrain"]["steps"] = args.steps
-    accelerator = Accelerator()
+    accelerator = Accelerator(log_with=args.log_with, project_dir=args.out)
+    accelerator.init_trackers("rrcm-pretrain", config={k: v for k, v in vars(args).items() if v is not None})
     images, _ = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
     torch.manual_seed(cfg["seed"])
     model = RRCMModel(image_size=images.shape[-1], in_channels=images.shape[1], **cfg["model"])
@@ -55,6 +59,7 @@ def main() -> None:
                     }
                 )
             )
+    accelerator.end_training()  # flush and close the trackers
 
 
 if __name__ == "__main__":

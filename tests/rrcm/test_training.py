@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from diffusers import DDPMScheduler
 
 from rrcm_diffusers import RRCMModel, RRCMPipeline
@@ -75,6 +76,46 @@ def test_finetune_probe_then_full_trains_the_head_and_backbone(mnist):
     assert not torch.equal(model.backbone.patch_embed.weight, patch0)
     with pytest.raises(ValueError, match="needs a classifier head"):
         finetune(tiny_model(), x[:4], y[:4], cfg, Accelerator(cpu=True), progress=False)
+
+
+class _ListTracker(GeneralTracker):
+    """An accelerate tracker that keeps what it is given (the interface tensorboard/wandb implement)."""
+
+    name = "list"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[tuple[int, dict]] = []
+
+    @property
+    def tracker(self):
+        return self.logs
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.config = values
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.logs.append((step, dict(values)))
+
+
+def test_training_metrics_reach_the_accelerator_trackers(mnist):
+    (x, y), _ = mnist
+    tracker = _ListTracker()
+    accelerator = Accelerator(cpu=True, log_with=[tracker])
+    accelerator.init_trackers("rrcm-test")
+    cfg = PretrainConfig(steps=2, batch_size=8, warmup_steps=0, log_every=1)
+    model, _, hist = pretrain(tiny_model(), x[:32], cfg, accelerator, progress=False)
+    sub = strided_class_subset(y, 4)
+    fcfg = FinetuneConfig(sigma=0.5, probe_steps=2, steps=3, batch_size=20, warmup_steps=0, log_every=1)
+    finetune(model.for_classification(10), x[sub], y[sub], fcfg, accelerator, progress=False)
+    accelerator.end_training()
+    steps = [s for s, _ in tracker.logs]
+    assert steps == [1, 2, 1, 2, 3, 4, 5]  # pretraining, then probe and full fine-tuning in one count
+    assert tracker.logs[0][1]["pretrain/loss"] == hist[0]["loss"]
+    assert {"probe/loss", "probe/accuracy"} <= set(tracker.logs[2][1])
+    assert {"finetune/loss", "finetune/kl"} <= set(tracker.logs[-1][1])
 
 
 def test_dds_timestep_matches_the_noise_level():

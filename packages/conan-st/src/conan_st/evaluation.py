@@ -2,8 +2,10 @@
 
 ``local_tasks(data_dir)`` returns mteb tasks for CMRC2018 (zh retrieval), Cranfield (en
 retrieval), STS-B-zh and STS-B-en test splits; ``evaluate_models`` runs ``mteb.evaluate``
-on them and returns a tidy table. ``python -m conan_st.evaluation MODEL [MODEL ...]`` prints
-and writes it.
+on them and returns a tidy table. ``python -m conan_st.evaluation MODEL [MODEL ...] --out PREFIX``
+prints it, writes it (PREFIX.json, PREFIX.md) and keeps mteb's own result files under
+``PREFIX_mteb/`` (mteb's ``ResultCache`` layout: ``results/<model>/<revision>/<task>.json``), the
+files published mteb results are compared with.
 """
 
 from __future__ import annotations
@@ -128,12 +130,24 @@ def local_tasks(
     return [table[n]() for n in names]
 
 
-def evaluate_model(model, tasks: list, batch_size: int = 64) -> dict[str, float]:
-    """Main score of each task (nDCG@10 for retrieval, cosine Spearman for STS)."""
+def evaluate_model(
+    model, tasks: list, batch_size: int = 64, results_dir: str | Path | None = None
+) -> dict[str, float]:
+    """Main score of each task (nDCG@10 for retrieval, cosine Spearman for STS).
+
+    ``results_dir``: also write mteb's result files there (re-evaluated every call, never read back:
+    a retrained model under the same name must not reuse its predecessor's scores).
+    """
     import mteb
+    from mteb.cache import ResultCache
 
     results = mteb.evaluate(
-        model, tasks, cache=None, encode_kwargs={"batch_size": batch_size}, show_progress_bar=False
+        model,
+        tasks,
+        cache=ResultCache(results_dir) if results_dir is not None else None,
+        overwrite_strategy="always",
+        encode_kwargs={"batch_size": batch_size},
+        show_progress_bar=False,
     )
     scores = {}
     for res in results.task_results:
@@ -148,10 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("models", nargs="+", help="model folders (sentence-transformers format)")
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=None, help="write JSON + Markdown here (prefix)")
+    parser.add_argument(
+        "--out", default=None, help="prefix: writes PREFIX.json, PREFIX.md and mteb's files in PREFIX_mteb/"
+    )
     args = parser.parse_args(argv)
     tasks = local_tasks(args.data_dir, args.tasks)
-    table = {m: evaluate_model(SentenceTransformer(m, device="cpu"), tasks) for m in args.models}
+    mteb_dir = args.out + "_mteb" if args.out else None
+    table = {}
+    for m in args.models:
+        model = SentenceTransformer(m, device="cpu")
+        if not model.model_card_data.model_name:  # mteb files results under the model's name
+            model.model_card_data.model_name = f"local/{Path(m).resolve().name}"
+        table[m] = evaluate_model(model, tasks, results_dir=mteb_dir)
     names = [t.metadata.name for t in tasks]
     lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {m} | " + " | ".join(f"{table[m][n]:.4f}" for n in names) + " |" for m in args.models]

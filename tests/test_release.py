@@ -1,0 +1,73 @@
+"""The packages as a user gets them: built by scripts/build_release.sh, installed (not editable)
+into a fresh virtual environment from the built wheels, with their dependencies from the
+registry; then the README's code blocks run with that copy, outside the source tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.readme_snippets import hub_cache, run_script, write_script
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ["shared-dist", "rrcm-diffusers", "conan-st"]
+
+
+def _run(cmd: list[str], **kw) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_wheels_install_and_run_outside_the_source_tree(tmp_path):
+    dist = tmp_path / "dist"
+    _run(["bash", str(REPO / "scripts/build_release.sh"), str(dist)], cwd=REPO, timeout=600)
+    assert len(list(dist.glob("*.whl"))) == len(list(dist.glob("*.tar.gz"))) == 3
+
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    constraints = ["-c", str(REPO / "constraints.txt")]
+    _run([*pip, *constraints, "torch==2.13.0"], timeout=600)  # the CPU build, as scripts/setup.sh
+    # our three from dist/ only, by name; then what they need from the registry
+    _run([*pip, "--no-index", "--find-links", str(dist), "--no-deps", *PACKAGES], timeout=300)
+    _run([*pip, *constraints, *PACKAGES], timeout=900)
+    _run([str(venv / "bin/python"), "-m", "pip", "check"], timeout=120)
+
+    where = tmp_path / "user"  # no source tree on sys.path: cwd elsewhere, PYTHONPATH empty
+    where.mkdir()
+    probe = (
+        "import json, importlib.metadata as m, shared_dist, rrcm_diffusers, conan_st\n"
+        "print(json.dumps({mod.__name__: [mod.__file__, mod.__version__, m.version(dist)] for mod, dist in "
+        "[(shared_dist, 'shared-dist'), (rrcm_diffusers, 'rrcm-diffusers'), (conan_st, 'conan-st')]}))"
+    )
+    found = json.loads(
+        _run(
+            [str(venv / "bin/python"), "-c", probe],
+            cwd=where,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
+    )
+    for name, (file, version, dist_version) in found.items():
+        assert Path(file).is_relative_to(venv) and "site-packages" in file, (name, file)
+        assert version == dist_version, name
+
+    python = str(venv / "bin/python")
+    (res,) = run_script(write_script("rrcm", where / "rrcm_block.py"), where, python)
+    assert res["steps"] == res["total_steps"] and res["reloaded_radii"] == res["radii"]
+    results = run_script(
+        write_script("conan", where / "conan_block.py"),
+        where,
+        python,
+        processes=2,
+        env={"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub"))},
+    )
+    assert sorted(r["global_step"] for r in results) == [18, 18]
