@@ -417,3 +417,56 @@ def test_positive_ratio_filter_follows_relative_margin_for_negative_positives():
     # positive 1.0: threshold 0.95; positive -0.5: threshold -0.5 - 0.025 = -0.525 (below the positive)
     assert keep(scores, pos).tolist() == [[True, False], [False, False]]
     assert keep(torch.tensor([[-0.53]]), torch.tensor([-0.5])).tolist() == [[True]]
+
+
+def test_model_card_shows_each_task_its_columns_and_ids_as_ids(fresh_minilm, tmp_path):
+    fresh_minilm.max_seq_length = 32
+    pairs = shared_passage_pairs().select_columns(["anchor", "positive"])
+    loss = CrossGPUBalancingLoss(fresh_minilm)
+    mining = DynamicHardNegativeMiningCallback.from_pairs(
+        fresh_minilm, pairs, num_negatives=2, skip=2, loss=loss, interval=2
+    )
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(
+            retrieval_batch_size=4, sts_batch_size=4
+        ),
+    )
+    train = make_balanced_datasets(mining.train_dataset(pairs), sts_rows())
+    SentenceTransformerTrainer(
+        model=fresh_minilm, args=args, train_dataset=train, loss=loss, callbacks=[mining]
+    ).train()
+    fresh_minilm.save_pretrained(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    retrieval = card[card.index("#### retrieval") : card.index("#### sts")]
+    sts = card[card.index("#### sts") :]
+    assert "-1000000" not in card  # the float32 id labels are not shown as scores
+    assert "example id (not a similarity score)" in retrieval and "<code>0</code>" in retrieval
+    assert "sentence1" not in retrieval and "<code></code>" not in retrieval
+    assert "* Columns: <code>sentence1</code>, <code>sentence2</code>, and <code>score</code>" in sts
+    assert "anchor" not in sts.split("* Loss")[0]
+
+
+def test_model_card_loss_only_layout_drops_the_nan_marker():
+    from conan_st.model_card import tidy_dataset_info
+
+    stats = {c: {"dtype": "string", "data": {}} for c in ("anchor", "positive", "sentence1", "sentence2")}
+    info = {
+        "_example_columns": ["anchor", "positive", "sentence1", "sentence2", "score"],
+        "examples": {
+            "anchor": ["q"],
+            "positive": ["p"],
+            "sentence1": [""],
+            "sentence2": [""],
+            "score": [math.nan],
+        },
+        "stats": {**stats, "score": {"dtype": "float", "data": {"min": math.nan}}},
+    }
+    assert tidy_dataset_info(info)
+    assert info["_example_columns"] == ["anchor", "positive"] and "score" not in info["stats"]
+    assert not tidy_dataset_info({"_example_columns": ["text"], "examples": {"text": ["a"]}, "stats": {}})

@@ -13,6 +13,7 @@ from transformers.trainer_callback import ExportableState
 import shared_dist
 
 from .mining import NegativeStore, corpus_from_pairs, dynamic_negatives_dataset, mine_candidates, rescore
+from .model_card import tidy_model_card_data
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,10 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ trainer events
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and hasattr(model, "model_card_data"):
+            # the card shows each task's own columns, and example ids as ids, not "score" statistics
+            tidy_model_card_data(model.model_card_data, num_examples=len(self.store.window))
         if state.global_step == 0:
             return
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
