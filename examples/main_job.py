@@ -32,6 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+MARKER = ".main_job"  # --overwrite deletes only a folder holding this file
+
+
 def fail(msg: str) -> None:
     print(f"main job: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -73,13 +76,23 @@ def main() -> None:
     out, data_dir = Path(args.out), Path(args.data_dir)
     rank = int(os.environ.get("RANK", "0"))
     check_inputs(data_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; --out must name a folder (it is created if missing)")
     if rank == 0 and out.exists() and any(out.iterdir()) and not args.resume:
         if not args.overwrite:
             fail(
                 f"{out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, "
                 "or choose another --out"
             )
+        if not (out / MARKER).is_file():  # never delete what this job did not create
+            fail(
+                f"{out} was not written by the main job (no {MARKER} inside), so --overwrite will not "
+                "delete it; choose another --out"
+            )
         shutil.rmtree(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("written by examples/main_job.py; --overwrite may replace this folder\n")
     start = time.perf_counter()
 
     from accelerate import Accelerator

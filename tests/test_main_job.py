@@ -27,6 +27,19 @@ def test_missing_data_is_named(tmp_path):
     assert "data missing under" in proc.stderr and "mnist-train-5k.csv.gz" in proc.stderr
 
 
+def test_overwrite_never_deletes_a_folder_the_job_did_not_write(tmp_path, data_dir):
+    thesis = tmp_path / "mine" / "thesis" / "chapter1.tex"
+    thesis.parent.mkdir(parents=True)
+    thesis.write_text("years of work")
+    proc = run_job("--out", str(tmp_path / "mine"), "--overwrite", "--data-dir", str(data_dir), timeout=120)
+    assert proc.returncode == 2 and "was not written by the main job" in proc.stderr
+    assert thesis.read_text() == "years of work"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run_job("--out", str(afile), "--data-dir", str(data_dir), timeout=120)
+    assert proc.returncode == 2 and "--out must name a folder" in proc.stderr and afile.read_text() == "x"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_dir):
@@ -44,3 +57,4 @@ def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_di
     assert "2408.15710" in card  # the model card cites the Conan paper through the loss
     again = run_job("--out", str(out), "--quick", "--data-dir", str(data_dir), timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (out / ".main_job").is_file()  # the marker that lets --overwrite replace this folder

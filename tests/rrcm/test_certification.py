@@ -156,10 +156,10 @@ def test_certified_accuracy_and_acr():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(sigma=0.0), "sigma must be > 0"),
-        (dict(sigma=-1.0), "sigma must be > 0"),
-        (dict(n0=0), "n0 and n must be > 0"),
-        (dict(n=-5, n0=1), "n0 and n must be > 0"),
+        (dict(sigma=0.0), "sigma must be a finite number > 0"),
+        (dict(sigma=-1.0), "sigma must be a finite number > 0"),
+        (dict(n0=0), "n0 must be a positive integer"),
+        (dict(n=-5, n0=1), "n must be a positive integer"),
         (dict(alpha=0.0), r"alpha must be in \(0, 1\)"),
         (dict(alpha=1.5), r"alpha must be in \(0, 1\)"),
         (dict(batch_size=0), "batch_size must be a positive integer"),
@@ -178,7 +178,7 @@ def test_bad_certify_input(kwargs, match):
 
 def test_bad_predict_input():
     pipe = _pipeline()
-    with pytest.raises(ValueError, match="num_samples must be > 0"):
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         pipe(torch.rand(1, 1, 28, 28), 0.5, num_samples=0)
-    with pytest.raises(ValueError, match="sigma must be > 0"):
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         pipe(torch.rand(1, 1, 28, 28), 0.0)

@@ -171,7 +171,7 @@ def test_finetuning_loss_equals_explicit_formula():
 
 
 def test_finetuning_loss_rejects_bad_sigma_and_labels():
-    with pytest.raises(ValueError, match="sigma must be > 0"):
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         RRCMFinetuningLoss(sigma=0)
     model = tiny_model(num_classes=4, projection_dim=0)
     with pytest.raises(ValueError, match="labels must have shape"):

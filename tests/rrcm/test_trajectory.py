@@ -48,5 +48,5 @@ def test_conditioning_functions():
 
 
 def test_bad_sigma_rejected():
-    with pytest.raises(ValueError, match="sigma must be > 0"):
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         grid_index_for_sigma(0.0)

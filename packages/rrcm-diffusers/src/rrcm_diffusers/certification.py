@@ -11,6 +11,8 @@ the batch size for a fixed generator.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,13 +57,36 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def _check_count(name: str, value) -> int:
+    # a float such as 1e5 is refused, not truncated: the bound's guarantee is for the n actually drawn
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _check_common(sigma: float, alpha: float, batch_size: int) -> None:
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0 (noise std in [0, 1] pixel space), got {sigma}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if not (isinstance(sigma, numbers.Real) and 0 < sigma < math.inf):
+        raise ValueError(
+            f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma!r}"
+        )
+    if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    _check_count("batch_size", batch_size)
+
+
+def _check_logits(logits, rows: int, num_classes: int | None) -> None:
+    """Shape and type only (no device sync); finiteness is counted on the device."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 2:
+        got = (
+            f"{tuple(logits.shape)} {logits.dtype}"
+            if isinstance(logits, torch.Tensor)
+            else type(logits).__name__
+        )
+        raise ValueError(f"classifier must return float logits of shape (batch, num_classes), got {got}")
+    if logits.shape[0] != rows:
+        raise ValueError(f"classifier returned {logits.shape[0]} rows of logits for a batch of {rows} images")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"classifier returned {logits.shape[1]} classes, earlier batches {num_classes}")
 
 
 @torch.inference_mode()
@@ -74,8 +99,12 @@ def sample_counts(
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Votes of ``classifier`` over ``num`` noisy copies of one image (C, H, W) → (K,)."""
+    """Votes of ``classifier`` over ``num`` noisy copies of one image (C, H, W) → (K,).
+
+    Raises ``ValueError`` if the classifier returns anything but finite (rows, K) logits: a NaN
+    row has no class, and counting it as a vote would certify garbage."""
     device = image.device
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # rows with a NaN/inf logit
     # votes stay on the device (no host sync per batch); one copy to the host at the end
     counts: torch.Tensor | None = (
         None if num_classes is None else torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -99,10 +128,17 @@ def sample_counts(
         pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
         # 2. classify the noisy batch and count votes
         logits = classifier(torch.add(image.unsqueeze(0), batch_noise, alpha=sigma))  # (b, K), one fused op
+        _check_logits(logits, batch_noise.shape[0], None if counts is None else counts.numel())
         if counts is None:
             counts = torch.zeros(logits.shape[-1], dtype=torch.long, device=device)
         counts += torch.bincount(logits.argmax(-1).to(device), minlength=counts.numel())
+        nonfinite += (~torch.isfinite(logits)).any(-1).sum().to(device)
     assert counts is not None
+    if int(nonfinite):  # one host sync per image, not per batch
+        raise ValueError(
+            f"classifier returned non-finite logits for {int(nonfinite)} of {num} noisy samples; "
+            "refusing to count them as votes (check the model's weights and inputs)"
+        )
     return counts.cpu()
 
 
@@ -127,8 +163,11 @@ def predict(
     a tie at level ``alpha``, else abstain (``ABSTAIN``)."""
     images = _check_images(images)
     _check_common(sigma, alpha, batch_size)
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    num_samples = _check_count("num_samples", num_samples)
+    if images.shape[0] == 0:  # nothing to predict: empty results
+        return PredictResult(
+            torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long), torch.zeros(0)
+        )
     preds, all_counts, pvals = [], [], []
     for image in tqdm(images, disable=not progress, desc="predict"):
         counts = sample_counts(classifier, image, sigma, num_samples, batch_size, generator=generator)
@@ -161,8 +200,7 @@ def certify(
     sizes are valid (Cohen's algorithm allows ``n0 > n``)."""
     images = _check_images(images)
     _check_common(sigma, alpha, batch_size)
-    if n0 <= 0 or n <= 0:
-        raise ValueError(f"n0 and n must be > 0, got n0={n0}, n={n}")
+    n0, n = _check_count("n0", n0), _check_count("n", n)
     preds, radii, lows, votes = [], [], [], []
     for image in tqdm(images, disable=not progress, desc="certify"):
         c_a = int(sample_counts(classifier, image, sigma, n0, batch_size, generator=generator).argmax())

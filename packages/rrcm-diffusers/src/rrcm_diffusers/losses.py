@@ -135,8 +135,10 @@ class RRCMFinetuningLoss(nn.Module):
         num_scales: int = CERTIFY_NUM_SCALES,
     ) -> None:
         super().__init__()
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
+        if not 0 < sigma < math.inf:
+            raise ValueError(
+                f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma}"
+            )
         if num_noise_samples < 1:
             raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}")
         self.sigma, self.m = float(sigma), num_noise_samples

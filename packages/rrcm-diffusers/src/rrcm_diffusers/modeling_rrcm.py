@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +20,16 @@ import shared_dist
 
 from .hooks import build_backbone
 from .trajectory import CERTIFY_NUM_SCALES, c_in, c_noise
+
+CHECKSUMS = "checksums.sha256.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -133,6 +147,45 @@ class RRCMModel(ModelMixin, ConfigMixin):
             _projector(dim, projection_hidden_dim, projection_dim) if projection_dim > 0 else None
         )
         self.classifier = nn.Linear(dim, num_classes) if num_classes > 0 else None
+
+    # ------------------------------------------------------------------ saving and loading
+    # A certifier must not run on damaged weights: diffusers' loader only warns about missing or
+    # unused keys (missing ones stay uninitialised) and reads any bytes. Loading here refuses
+    # missing/unexpected/mismatched keys and non-finite values, and checks the weight files
+    # against the SHA-256 written beside them at save time.
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            folder = Path(save_directory)
+            sums = {f.name: _sha256(f) for f in sorted(folder.glob("*.safetensors"))}
+            tmp = folder / (CHECKSUMS + ".tmp")
+            tmp.write_text(json.dumps(sums, indent=2) + "\n")
+            os.replace(tmp, folder / CHECKSUMS)  # atomic: never a half-written checksum file
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> RRCMModel:
+        return_info = kwargs.pop("output_loading_info", False)
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if (folder / CHECKSUMS).is_file():
+            for name, expected in json.loads((folder / CHECKSUMS).read_text()).items():
+                if not (folder / name).is_file() or _sha256(folder / name) != expected:
+                    raise ValueError(
+                        f"{folder / name} does not match the checksum written when it was saved "
+                        "(damaged or replaced weights); refusing to load"
+                    )
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
+        problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
+        if problems or info.get("error_msgs"):
+            raise ValueError(f"the weights at {folder} do not match the model's config: {problems or info}")
+        bad = [
+            n for n, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()
+        ]
+        if bad:
+            raise ValueError(f"the weights at {folder} hold non-finite values (NaN/inf) in {bad[:5]}")
+        return (model, info) if return_info else model
 
     def _check_inputs(self, sample: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         cfg = self.config

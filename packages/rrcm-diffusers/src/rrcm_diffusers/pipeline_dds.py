@@ -40,8 +40,10 @@ class DDSPipeline(DiffusionPipeline):
 
     def timestep_for_sigma(self, sigma: float) -> int:
         """t* with sqrt((1 − ᾱ_t)/ᾱ_t) closest to 2σ."""
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
+        if not 0 < sigma < math.inf:
+            raise ValueError(
+                f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma}"
+            )
         abar = self.scheduler.alphas_cumprod.double()
         return int(torch.argmin(((1 - abar) / abar).sqrt().sub(2 * sigma).abs()))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,29 @@ def _save_checkpoint(
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
-    ckpts = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
+    """The ``checkpoint-<step>`` folder with the highest step; other names (``checkpoint-8.bak``)
+    are not checkpoints of this trainer and are ignored."""
+    ckpts = [p for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
 
 
-def _batches(loader: DataLoader, skip: int):
+def _check_images(images: torch.Tensor, name: str = "images") -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        got = (
+            f"{tuple(images.shape)} {images.dtype}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"{name} must be a uint8 tensor (N, C, H, W) of pixels in [0, 255], got {got}")
+
+
+def _batches(loader: DataLoader, skip: int, batch_size: int, processes: int):
     """Endless iterator over epochs; ``skip`` batches are dropped first (resume)."""
+    if len(loader) == 0:  # drop_last with too few images: the epoch loop would spin forever
+        raise ValueError(
+            f"images: {len(loader.dataset)} images make no full batch of batch_size={batch_size} on each of "
+            f"{processes} processes; pass at least {batch_size * processes} images or a smaller batch_size"
+        )
     epoch = 0
     while True:
         if hasattr(loader, "set_epoch"):
@@ -162,6 +180,9 @@ def pretrain(
     With ``output_dir``, checkpoints go to ``output_dir/checkpoint-<step>`` and training
     resumes from the latest one when ``resume`` is true.
     """
+    _check_images(images)
+    if config.steps < 0:
+        raise ValueError(f"config.steps must be >= 0, got {config.steps}")
     accelerator = accelerator or Accelerator()
     out = Path(output_dir) if output_dir else None
     if out is not None:
@@ -198,7 +219,7 @@ def pretrain(
     bar = tqdm(
         range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc="pretrain"
     )
-    batches = _batches(loader, skip=start % max(len(loader), 1))
+    batches = _batches(loader, start % max(len(loader), 1), config.batch_size, accelerator.num_processes)
     model.train()
     target.train()
     for step in bar:
@@ -299,6 +320,18 @@ def finetune(
     """
     if model.classifier is None:
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
+    _check_images(images)
+    k = model.classifier.out_features
+    if (
+        labels.shape != (images.shape[0],)
+        or labels.dtype != torch.long
+        or (labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < k))
+    ):
+        raise ValueError(
+            f"labels must be int64 class ids in [0, {k}) (the head's num_classes), one per image; got "
+            f"{tuple(labels.shape)} {labels.dtype}"
+            + (f" in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else "")
+        )
     accelerator = accelerator or Accelerator()
     out = Path(output_dir) if output_dir else None
     if out is not None:
@@ -333,7 +366,7 @@ def finetune(
         )
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         model.train()
-        batches = _batches(loader, 0)
+        batches = _batches(loader, 0, config.batch_size, accelerator.num_processes)
         bar = tqdm(range(steps), disable=not (progress and accelerator.is_main_process), desc=phase)
         for step in bar:
             x, y = next(batches)

@@ -83,8 +83,8 @@ def grid_index_for_sigma(sigma: float, num_scales: int = CERTIFY_NUM_SCALES) -> 
     ``sigma`` is the smoothing noise std in [0, 1] pixel space; the model sees pixels in
     [-1, 1], where that noise has std 2*sigma.
     """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0 (noise std in [0, 1] pixel space), got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma}")
     sigmas = karras_sigmas(num_scales)
     return int(torch.argmin((sigmas - 2.0 * float(sigma)).abs()).item())
 

@@ -115,11 +115,15 @@ def _debug_timeout() -> timedelta:
 
 
 def _map(fn: Callable[[torch.Tensor], Any], data: Any, path: str = "") -> Any:
-    """Apply ``fn`` to every tensor leaf of nested dicts/lists/tuples, keeping the structure."""
+    """Apply ``fn`` to every tensor leaf of nested dicts/lists/tuples, keeping the structure.
+
+    Dict leaves are visited in SORTED key order, whatever order each rank inserted them in:
+    ``fn`` is a collective, so every rank must reach the leaves in the same order."""
     if isinstance(data, torch.Tensor):
         return fn(data)
     if isinstance(data, Mapping):
-        return type(data)({k: _map(fn, v, f"{path}.{k}") for k, v in data.items()})
+        done = {k: _map(fn, data[k], f"{path}.{k}") for k in sorted(data, key=repr)}
+        return type(data)({k: done[k] for k in data})  # the caller's own key order
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
         return type(data)(*(_map(fn, v, f"{path}[{i}]") for i, v in enumerate(data)))
     if isinstance(data, (list, tuple)):
@@ -301,6 +305,10 @@ def _map_pairs(data: Any, index: int) -> Any:
 
 def local_slice(offsets: Sequence[int], rank: int | None = None) -> slice:
     """The rows of ``rank`` (this process by default) inside a gathered tensor."""
+    if len(offsets) < 2:
+        raise ValueError(
+            f"offsets must be the world_size + 1 bounds from gather(..., return_offsets=True), got {list(offsets)}"
+        )
     rank = get_rank() if rank is None else rank
     if not 0 <= rank < len(offsets) - 1:
         raise ValueError(f"rank must be in [0, {len(offsets) - 1}), got {rank}")
@@ -357,6 +365,8 @@ def gather_object(obj: Any, *, group: dist.ProcessGroup | None = None) -> list[A
 
 def broadcast_object(obj: Any, src: int = 0, *, group: dist.ProcessGroup | None = None) -> Any:
     """``obj`` of rank ``src``, on every rank."""
+    if not 0 <= src < get_world_size(group):  # checked before any collective: a bad src would hang
+        raise ValueError(f"src must be a rank in [0, {get_world_size(group)}), got {src}")
     if not is_distributed(group):
         return obj
     box = [obj]

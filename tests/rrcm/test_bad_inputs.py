@@ -1,0 +1,246 @@
+"""rrcm-diffusers under hostile input: every case ends in an error that names the argument and
+what was expected, or in a documented result; none certifies garbage, hangs or loads damaged weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from rrcm_diffusers import RRCMModel, RRCMPipeline
+from rrcm_diffusers.certification import certify, predict
+from rrcm_diffusers.training import FinetuneConfig, PretrainConfig, finetune, latest_checkpoint, pretrain
+from tests.rrcm.conftest import tiny_model
+
+IMAGES = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def _linear(num_classes: int = 3):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(28 * 28, num_classes)
+    return lambda x: head(x.flatten(1))
+
+
+# ------------------------------------------------------------------ the classifier's output
+
+CLASSIFIER_CASES = {
+    "NaN logits": (lambda x: torch.full((x.shape[0], 3), math.nan), "non-finite logits"),
+    "one NaN row": (
+        lambda x: torch.cat([torch.full((1, 3), math.nan), torch.zeros(x.shape[0] - 1, 3)]),
+        r"non-finite logits for [12] of \d+ noisy samples",
+    ),
+    "inf logits": (lambda x: torch.full((x.shape[0], 3), math.inf), "non-finite logits"),
+    "twice the rows": (
+        lambda x: torch.zeros(2 * x.shape[0], 3),
+        r"returned \d+ rows of logits for a batch of",
+    ),
+    "one row": (lambda x: torch.zeros(1, 3), "rows of logits for a batch of"),
+    "1-D output": (lambda x: torch.zeros(x.shape[0]), r"float logits of shape \(batch, num_classes\)"),
+    "integer output": (lambda x: torch.zeros(x.shape[0], 3, dtype=torch.long), "float logits"),
+    "not a tensor": (lambda x: [0] * x.shape[0], "float logits.*got list"),
+    "classes change": (
+        lambda x: torch.zeros(x.shape[0], 3 if x.shape[0] == 64 else 4),
+        "returned 4 classes, earlier batches 3",
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", ["certify", "predict"])
+@pytest.mark.parametrize("case", list(CLASSIFIER_CASES))
+def test_a_bad_classifier_output_is_never_counted(case, entry):
+    classifier, match = CLASSIFIER_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        if entry == "certify":
+            certify(classifier, IMAGES, 0.5, n0=10, n=100, batch_size=64, generator=torch.Generator())
+        else:
+            predict(classifier, IMAGES, 0.5, num_samples=100, batch_size=64, generator=torch.Generator())
+
+
+def test_a_nan_model_is_refused_by_the_pipeline():
+    model = tiny_model(num_classes=10, projection_dim=0)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = math.nan  # every logit of class 0 becomes NaN
+    pipe = RRCMPipeline(model=model)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        pipe.certify(IMAGES, sigma=0.5, n0=10, n=50)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        pipe(IMAGES, sigma=0.5, num_samples=50)
+
+
+# ------------------------------------------------------------------ arguments
+
+ARG_CASES = {
+    "n float 1e5": (dict(n=1e5), "n must be a positive integer, got 100000.0"),
+    "n True": (dict(n=True), "n must be a positive integer"),
+    "n0 zero": (dict(n0=0), "n0 must be a positive integer"),
+    "n negative": (dict(n=-3), "n must be a positive integer"),
+    "sigma inf": (dict(sigma=math.inf), "sigma must be a finite number > 0"),
+    "sigma nan": (dict(sigma=math.nan), "sigma must be a finite number > 0"),
+    "sigma zero": (dict(sigma=0.0), "sigma must be a finite number > 0"),
+    "sigma string": (dict(sigma="0.5"), "sigma must be a finite number > 0"),
+    "alpha nan": (dict(alpha=math.nan), r"alpha must be in \(0, 1\)"),
+    "alpha one": (dict(alpha=1.0), r"alpha must be in \(0, 1\)"),
+    "batch_size float": (dict(batch_size=10.5), "batch_size must be a positive integer"),
+    "batch_size zero": (dict(batch_size=0), "batch_size must be a positive integer"),
+    "images uint8": (dict(images=(IMAGES * 255).to(torch.uint8)), "images must be floating point in"),
+    "images in [-1, 1]": (dict(images=IMAGES * 2 - 1), r"images must lie in \[0, 1\]"),
+    "images with NaN": (dict(images=IMAGES.clone().fill_(math.nan)), r"images must lie in \[0, 1\]"),
+    "images 2-D": (dict(images=IMAGES[0, 0]), r"images must be a float tensor \(N, C, H, W\)"),
+    "images a list": (dict(images=[IMAGES]), r"images must be a float tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARG_CASES))
+def test_bad_certify_argument_is_named(case):
+    kwargs, match = ARG_CASES[case]
+    args = dict(images=IMAGES, sigma=0.5, n0=10, n=100, batch_size=64, generator=torch.Generator())
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        certify(_linear(), **args)
+
+
+def test_an_empty_batch_gives_empty_results():
+    empty = IMAGES[:0]
+    res = certify(_linear(), empty, 0.5, n0=10, n=100)
+    assert res.predictions.shape == res.radii.shape == (0,)
+    pred = predict(_linear(), empty, 0.5, num_samples=100)
+    assert pred.predictions.shape == (0,) and pred.counts.shape == (0, 0)
+
+
+# ------------------------------------------------------------------ damaged weights
+
+
+def _damage_flip(folder):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    for i in range(64):  # 64 bytes in the tensor data, far from the header
+        raw[-200 - i] ^= 0x5A
+    weights.write_bytes(bytes(raw))
+
+
+def _rewrite(folder, edit, keep_checksums: bool = False):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    edit(state)
+    save_file(state, weights, metadata={"format": "pt"})
+    if not keep_checksums:  # a damaged file whose checksum went with it: the key/value checks must catch it
+        (folder / "checksums.sha256.json").unlink()
+
+
+def _set_nan(state):
+    state["classifier.weight"] = state["classifier.weight"].clone()
+    state["classifier.weight"][0, 0] = math.nan
+
+
+WEIGHT_CASES = {
+    "flipped bytes": (_damage_flip, "does not match the checksum"),
+    "rewritten with the checksum kept": (
+        lambda f: _rewrite(f, lambda s: s.update(x=torch.zeros(1)), keep_checksums=True),
+        "does not match the checksum",
+    ),
+    "missing key": (lambda f: _rewrite(f, lambda s: s.pop("classifier.weight")), "missing_keys"),
+    "extra key": (
+        lambda f: _rewrite(f, lambda s: s.update({"extra.weight": torch.zeros(2)})),
+        "unexpected_keys",
+    ),
+    "NaN weight": (
+        lambda f: _rewrite(f, _set_nan),
+        r"non-finite values \(NaN/inf\) in \['classifier.weight'\]",
+    ),
+    "config/weights mismatch": (
+        lambda f: _rewrite(f, lambda s: s.update({"classifier.weight": torch.zeros(5, 32)})),
+        "classifier.weight expected shape",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_damaged_weights_fail_loudly_at_load(case, tmp_path):
+    damage, match = WEIGHT_CASES[case]
+    RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path)
+    damage(tmp_path / "model")
+    with pytest.raises(ValueError, match=match):
+        RRCMPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        RRCMModel.from_pretrained(tmp_path / "model")
+
+
+def test_undamaged_weights_load_with_their_checksum(tmp_path):
+    model = tiny_model(num_classes=10, projection_dim=0)
+    RRCMPipeline(model=model).save_pretrained(tmp_path)
+    assert (tmp_path / "model" / "checksums.sha256.json").is_file()
+    loaded = RRCMPipeline.from_pretrained(tmp_path).model
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ training
+
+
+def _pre(**kw):
+    return PretrainConfig(**{**dict(steps=2, batch_size=8, warmup_steps=0, log_every=1), **kw})
+
+
+TRAIN_CASES = {
+    # fewer images than one batch: the epoch loop used to spin forever
+    "pretrain: too few images": (
+        lambda: pretrain(
+            tiny_model(), torch.zeros(4, 1, 28, 28, dtype=torch.uint8), _pre(), Accelerator(cpu=True)
+        ),
+        "images: 4 images make no full batch of batch_size=8",
+    ),
+    "pretrain: float images": (
+        lambda: pretrain(tiny_model(), IMAGES, _pre(), Accelerator(cpu=True)),
+        r"images must be a uint8 tensor \(N, C, H, W\)",
+    ),
+    "pretrain: negative steps": (
+        lambda: pretrain(tiny_model(), torch.zeros(16, 1, 28, 28, dtype=torch.uint8), _pre(steps=-3)),
+        "config.steps must be >= 0, got -3",
+    ),
+    "finetune: too few images": (
+        lambda: finetune(
+            tiny_model().for_classification(10),
+            torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
+            torch.zeros(4, dtype=torch.long),
+            FinetuneConfig(sigma=0.5, probe_steps=1, steps=1, batch_size=8),
+            Accelerator(cpu=True),
+        ),
+        "images: 4 images make no full batch",
+    ),
+    "finetune: labels 1..10": (
+        lambda: finetune(
+            tiny_model().for_classification(10),
+            torch.zeros(10, 1, 28, 28, dtype=torch.uint8),
+            torch.arange(1, 11),
+            FinetuneConfig(sigma=0.5, probe_steps=1, steps=1, batch_size=8),
+            Accelerator(cpu=True),
+        ),
+        r"labels must be int64 class ids in \[0, 10\).*in \[1, 10\]",
+    ),
+    "finetune: float labels": (
+        lambda: finetune(
+            tiny_model().for_classification(10),
+            torch.zeros(10, 1, 28, 28, dtype=torch.uint8),
+            torch.zeros(10),
+            FinetuneConfig(sigma=0.5, probe_steps=1, steps=1, batch_size=8),
+            Accelerator(cpu=True),
+        ),
+        "labels must be int64 class ids",
+    ),
+}
+
+
+@pytest.mark.timeout(60)  # a hang fails here instead of stalling the suite
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_bad_training_input_is_named(case):
+    run, match = TRAIN_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        run()
+
+
+def test_stray_checkpoint_names_are_ignored(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-8.bak", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
