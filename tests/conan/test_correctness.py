@@ -300,8 +300,8 @@ def _run(tmp, steps, resume=None, save_steps=4):
     torch.manual_seed(0)
     model = _model()
     loss = CrossGPUBalancingLoss(model)
-    # ratio < 0: every observed example is "easy" at the next check, so windows move at every check
-    cb = _callback(model, loss, interval=3, ratio=-1e6, abs_bound=1.0)
+    # tiny ratio: every observed example with S_init > 0 is "easy" at the next check, so windows move
+    cb = _callback(model, loss, interval=3, ratio=1e-6, abs_bound=1.0)
     trainer = _mining_trainer(model, loss, cb, tmp, steps, save_steps)
     trainer.train(resume_from_checkpoint=resume)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -343,7 +343,7 @@ def test_resume_from_a_moved_checkpoint_is_exact(tmp_path):
 def test_moved_windows_are_served_from_the_next_pass(fresh_minilm, tmp_path):
     loss = CrossGPUBalancingLoss(fresh_minilm)
     rec = _Recorder(loss)
-    cb = _callback(fresh_minilm, loss, interval=3, ratio=-1e6, abs_bound=1.0)
+    cb = _callback(fresh_minilm, loss, interval=3, ratio=1e-6, abs_bound=1.0)
     # 3 steps an epoch: the check at step 3 moves windows; step 4 opens the next pass
     _mining_trainer(fresh_minilm, loss, cb, tmp_path, 4, 100).train()
     assert cb.history[0]["dhnm/advanced"] > 0 and int(cb.store.window.sum()) == cb.history[0]["dhnm/advanced"]

@@ -254,5 +254,5 @@ def test_bad_loss_input(minilm):
         CrossGPUBalancingLoss(minilm, retrieval_ranks=2)(feats, labels)
     with pytest.raises(ValueError, match="expected columns"):
         CrossGPUBalancingLoss(minilm)(feats[:1] + feats[-2:], labels)
-    with pytest.raises(ValueError, match="sts_weight must be >= 0"):
+    with pytest.raises(ValueError, match="sts_weight must be a finite number >= 0"):
         CrossGPUBalancingLoss(minilm, sts_weight=-1)

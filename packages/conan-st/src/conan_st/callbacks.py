@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -70,8 +71,14 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             raise ValueError(
                 "score_source='loss' needs the loss (a CrossGPUBalancingLoss) to read scores from"
             )
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an int >= 1 (steps between checks), got {interval!r}")
+        if not 0 < ratio < math.inf:  # the rule fires when ratio·S_cur < S_init
+            raise ValueError(f"ratio must be a finite number > 0 (paper: 1.15), got {ratio!r}")
+        if not 0 < abs_bound <= 1:  # a bound on |cosine|
+            raise ValueError(f"abs_bound must be in (0, 1] (a bound on |cos|, paper: 0.8), got {abs_bound!r}")
+        if rescore_sample is not None and rescore_sample < 1:
+            raise ValueError(f"rescore_sample must be None or >= 1, got {rescore_sample!r}")
         if len(queries) != len(store):
             raise ValueError(f"{len(queries)} queries for a store of {len(store)} examples")
         if positives is not None and len(positives) != len(queries):

@@ -95,6 +95,10 @@ def embed_texts(model, texts: list[str], batch_size: int = 64, progress: bool = 
     return out
 
 
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
 def mine_candidates(
     model,
     queries: list[str],
@@ -120,9 +124,11 @@ def mine_candidates(
     for i, pos in enumerate(positives):
         if not pos or any(not 0 <= p < n for p in pos):
             raise ValueError(f"positives of query {i} must be non-empty corpus ids in [0, {n}), got {pos}")
+    # a document that differs from a positive (or the query) only in case or spacing is the same
+    # answer: never serve it as a negative
     text_to_ids: dict[str, list[int]] = {}
     for j, t in enumerate(corpus):
-        text_to_ids.setdefault(t, []).append(j)
+        text_to_ids.setdefault(_normalise(t), []).append(j)
     q_emb = embed_texts(model, queries, batch_size, progress)
     c_emb = embed_texts(model, corpus, batch_size, progress)
     extra = max(len(p) for p in positives) + 1 + max(len(v) for v in text_to_ids.values())
@@ -134,7 +140,7 @@ def mine_candidates(
     for i, (q, pos) in enumerate(zip(queries, positives)):
         banned = set(pos)
         for t in [q, *(corpus[p] for p in pos)]:
-            banned.update(text_to_ids.get(t, []))
+            banned.update(text_to_ids.get(_normalise(t), []))
         mask = torch.tensor([int(j) not in banned for j in ids[i]])
         if keep_filter is not None:
             pos_score = (q_emb[i] @ c_emb[pos].T).max()
@@ -166,6 +172,13 @@ class NegativeStore:
         if end_policy not in ("stay", "wrap"):
             raise ValueError(f"end_policy must be 'stay' or 'wrap', got {end_policy!r}")
         valid = (candidates >= 0).sum(1)
+        ordered = candidates.sort(dim=1).values
+        repeats = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(1)
+        if bool(repeats.any()):
+            row = int(repeats.nonzero()[0])
+            raise ValueError(
+                f"candidates of example {row} list a document more than once: {candidates[row].tolist()[:20]}"
+            )
         if int(valid.min()) < num_negatives:
             worst = int(valid.argmin())
             raise ValueError(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,10 +121,14 @@ class CrossGPUBalancingLoss(nn.Module):
                 trainer.train()
         """
         super().__init__()
-        if not scale > 0 or not sts_scale > 0:
-            raise ValueError(f"scale and sts_scale must be > 0, got {scale} and {sts_scale}")
-        if sts_weight < 0:
-            raise ValueError(f"sts_weight must be >= 0, got {sts_weight}")
+        if not 0 < scale < math.inf or not 0 < sts_scale < math.inf:
+            raise ValueError(f"scale and sts_scale must be finite and > 0, got {scale} and {sts_scale}")
+        if not 0 <= sts_weight < math.inf:
+            raise ValueError(f"sts_weight must be a finite number >= 0 (paper: 0.8), got {sts_weight}")
+        if retrieval_ranks is not None and (
+            isinstance(retrieval_ranks, bool) or not isinstance(retrieval_ranks, int) or retrieval_ranks < 1
+        ):
+            raise ValueError(f"retrieval_ranks must be None (W - 1) or an int >= 1, got {retrieval_ranks!r}")
         if sts_score_range is not None and not sts_score_range[0] < sts_score_range[1]:
             raise ValueError(f"sts_score_range must be (min, max) with min < max, got {sts_score_range}")
         self.model = model
@@ -151,6 +156,7 @@ class CrossGPUBalancingLoss(nn.Module):
             raise ValueError(
                 f"expected columns (anchor, positive, negative_1..m[, sentence1, sentence2]), got {len(features)} columns"
             )
+        self._check_sts_columns(sts_feats, ret_rows)
         negs = ret_feats[2:]
         if len(negs) % layout.retrieval_ranks:
             raise ValueError(
@@ -183,6 +189,24 @@ class CrossGPUBalancingLoss(nn.Module):
             example_ids=example_ids,
             query_fingerprint=_fingerprint(columns[0]) if ret_rows.any() else None,
         )
+
+    def _check_sts_columns(self, sts_feats: list[dict[str, Tensor]], ret_rows: Tensor) -> None:
+        """With labels, the last two columns are (sentence1, sentence2), empty on retrieval rows.
+        Text there on a retrieval row means the data has no STS columns and these are negatives:
+        reading them as STS would silently drop them."""
+        if not sts_feats or not ret_rows.any() or "attention_mask" not in sts_feats[0]:
+            return
+        if not hasattr(self, "_empty_len"):  # tokens of an empty text: the special tokens only
+            model = getattr(self.model, "module", self.model)  # under DDP the trainer wraps it
+            self._empty_len = int(model.tokenize([""])["attention_mask"].sum())
+        for name, f in zip(("sentence1", "sentence2"), sts_feats):
+            if bool((f["attention_mask"][ret_rows].sum(-1) > self._empty_len).any()):
+                raise ValueError(
+                    f"labels were given, so the last two columns are read as (sentence1, sentence2), but "
+                    f"retrieval rows (label NaN or an example id) have text in the {name} column: these look "
+                    "like negatives. Build the data with conan_st.make_balanced_datasets, or drop the label "
+                    "column for retrieval-only data"
+                )
 
     def _split_rows(self, features: list[dict[str, Tensor]], labels: Tensor | None) -> tuple[Tensor, Tensor]:
         rows = _batch_size(features[0])
