@@ -175,9 +175,9 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_probe(mnist):
     assert last < 0.7 * first
     tr_idx, te_idx = strided_class_subset(y, 200), strided_class_subset(yt, 100)
     tr, te = (x[tr_idx], y[tr_idx]), (xt[te_idx], yt[te_idx])
-    pre = linear_probe_accuracy(online, tr, te, 0.5)
-    rnd = linear_probe_accuracy(random_init, tr, te, 0.5)
-    assert pre > rnd, (pre, rnd)  # measured here: 0.288 vs 0.266
+    # clean probe only: at σ = 0.5 after 400 steps the two probes differ by less than the
+    # sampling error of 1,000 test images (0.288 vs 0.266, then 0.264 vs 0.266 with another
+    # data order), so no claim is made there
     clean_pre = linear_probe_accuracy(online, tr, te, None)
     clean_rnd = linear_probe_accuracy(random_init, tr, te, None)
     assert clean_pre > clean_rnd + 0.05, (clean_pre, clean_rnd)  # measured here: 0.623 vs 0.538

@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
+import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
+
+import shared_dist
 
 from .augment import light_view, strong_view
 from .data import to_model_space
@@ -103,19 +109,93 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def _save_checkpoint(
-    out: Path, step: int, accelerator: Accelerator, models: dict, optimizer, scheduler
+    out: Path,
+    step: int,
+    accelerator: Accelerator,
+    models: dict,
+    optimizer,
+    scheduler,
+    generator: torch.Generator | None = None,
 ) -> None:
+    """``out/checkpoint-<step>``, written whole or not at all: everything goes into
+    ``checkpoint-<step>.tmp`` first, which is renamed when complete (a kill leaves only a
+    ``.tmp`` folder, which resume ignores). ``generator``: every rank's state is kept, so a
+    resumed run draws the same noise as an uninterrupted one."""
+    states = shared_dist.gather_object(generator.get_state()) if generator is not None else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt = out / f"checkpoint-{step}"
-        ckpt.mkdir(parents=True, exist_ok=True)
+        final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+        if tmp.exists():  # our own leftover from a killed save
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         for name, model in models.items():
-            accelerator.unwrap_model(model).save_pretrained(ckpt / name)
-        save_optimizer(optimizer, ckpt / "optimizer")
-        (ckpt / "trainer_state.json").write_text(
-            json.dumps({"step": step, "scheduler": scheduler.state_dict()})
+            accelerator.unwrap_model(model).save_pretrained(tmp / name)
+        save_optimizer(optimizer, tmp / "optimizer")
+        if states is not None:
+            save_file({f"rank{r}": s for r, s in enumerate(states)}, str(tmp / "rng_states.safetensors"))
+        (tmp / "trainer_state.json").write_text(
+            json.dumps(
+                {"step": step, "scheduler": scheduler.state_dict(), "world_size": accelerator.num_processes}
+            )
         )
+        if final.exists():  # a checkpoint of this step from before a resume: replaced whole
+            old = out / f"checkpoint-{step}.old"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def _load_pretrain_checkpoint(out: Path, model, target, optimizer, scheduler) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads completely; a damaged one is skipped with a warning."""
+    ckpts = sorted(
+        (p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+        key=lambda p: int(p.name.split("-")[1]),
+        reverse=True,
+    )
+    for ckpt in ckpts:
+        try:
+            online_state = RRCMModel.from_pretrained(ckpt / "online").state_dict()
+            target_state = RRCMModel.from_pretrained(ckpt / "target").state_dict()
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            model.load_state_dict(online_state)
+            target.load_state_dict(target_state)
+            load_optimizer(optimizer, ckpt / "optimizer")
+            scheduler.load_state_dict(state["scheduler"])
+            return ckpt, state
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            warnings.warn(f"skipping checkpoint {ckpt}: it does not load ({err})", stacklevel=3)
+    return None
+
+
+def _trim_log(out: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the checkpoint a run resumes from)."""
+    log = out / "log.jsonl"
+    if log.is_file():
+        keep = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        tmp = log.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, log)
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from (seed, epoch) alone: the order of epoch ``e`` is
+    known without replaying epochs ``0..e-1``, so a resumed run serves the same batches."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's prepared loader forwards set_epoch here
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -135,14 +215,14 @@ def _check_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must be a uint8 tensor (N, C, H, W) of pixels in [0, 255], got {got}")
 
 
-def _batches(loader: DataLoader, skip: int, batch_size: int, processes: int):
-    """Endless iterator over epochs; ``skip`` batches are dropped first (resume)."""
+def _batches(loader: DataLoader, start: int, batch_size: int, processes: int):
+    """Endless iterator over epochs, from batch ``start`` (counted over all epochs: resume)."""
     if len(loader) == 0:  # drop_last with too few images: the epoch loop would spin forever
         raise ValueError(
             f"images: {len(loader.dataset)} images make no full batch of batch_size={batch_size} on each of "
             f"{processes} processes; pass at least {batch_size * processes} images or a smaller batch_size"
         )
-    epoch = 0
+    epoch, skip = divmod(start, len(loader))
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -192,34 +272,40 @@ def pretrain(
     target = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    start = 0
-    ckpt = latest_checkpoint(out) if (out is not None and resume) else None
-    if ckpt is not None:
-        model.load_state_dict(RRCMModel.from_pretrained(ckpt / "online").state_dict())
-        target.load_state_dict(RRCMModel.from_pretrained(ckpt / "target").state_dict())
-        load_optimizer(optimizer, ckpt / "optimizer")
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        scheduler.load_state_dict(state["scheduler"])
+    start, ckpt = 0, None
+    loaded = _load_pretrain_checkpoint(out, model, target, optimizer, scheduler) if (out and resume) else None
+    if loaded is not None:
+        ckpt, state = loaded
         start = state["step"]
+        if accelerator.is_main_process:
+            _trim_log(out, start)
     loader = DataLoader(
         TensorDataset(images),
         batch_size=config.batch_size,
-        shuffle=True,
+        sampler=EpochShuffle(len(images), config.seed),
         drop_last=True,
-        generator=torch.Generator().manual_seed(config.seed),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     target.to(accelerator.device)
     loss_fn = RRCMPretrainingLoss(config.tau, config.instance_weight, config.consistency_weight)
     # noise and augmentations differ per rank (different images), the grid index does not
     gen = torch.Generator(device=accelerator.device).manual_seed(
-        config.seed * 1000 + accelerator.process_index + start
+        config.seed * 1000 + accelerator.process_index
     )
+    if ckpt is not None:
+        rng = ckpt / "rng_states.safetensors"
+        if rng.is_file() and state.get("world_size") == accelerator.num_processes:
+            gen.set_state(load_file(str(rng))[f"rank{accelerator.process_index}"])
+        else:  # an older checkpoint, or another number of processes: resumes, but not bit-exactly
+            warnings.warn(
+                f"{ckpt} holds no generator state for this run; the noise after resume differs", stacklevel=2
+            )
+            gen.manual_seed(config.seed * 1000 + accelerator.process_index + start)
     history: list[dict] = []
     bar = tqdm(
         range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc="pretrain"
     )
-    batches = _batches(loader, start % max(len(loader), 1), config.batch_size, accelerator.num_processes)
+    batches = _batches(loader, start, config.batch_size, accelerator.num_processes)
     model.train()
     target.train()
     for step in bar:
@@ -268,12 +354,12 @@ def pretrain(
             _log(out, accelerator, record, "pretrain", step + 1)
         if out is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _save_checkpoint(
-                out, step + 1, accelerator, {"online": model, "target": target}, optimizer, scheduler
+                out, step + 1, accelerator, {"online": model, "target": target}, optimizer, scheduler, gen
             )
     online = accelerator.unwrap_model(model)
     if out is not None and start < config.steps:
         _save_checkpoint(
-            out, config.steps, accelerator, {"online": model, "target": target}, optimizer, scheduler
+            out, config.steps, accelerator, {"online": model, "target": target}, optimizer, scheduler, gen
         )
     return online, target, history
 

@@ -1,0 +1,108 @@
+"""rRCM pretraining killed with SIGKILL and resumed gives the uninterrupted run, to the bit (CPU):
+the same weights, the same log. Checkpoints are written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from rrcm_diffusers.training import PretrainConfig, pretrain
+from tests.conftest import REPO
+from tests.rrcm.conftest import tiny_model
+
+STEPS = 9  # 64 images in batches of 16: 4 steps per epoch, so the run crosses two epoch borders
+
+JOB = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from accelerate import Accelerator
+    import rrcm_diffusers.training as training
+    from rrcm_diffusers.data import load_mnist
+    from tests.rrcm.conftest import tiny_model
+
+    out, steps, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if kill_at:
+        calls, real_update = [0], training.update_ema
+
+        def update_then_maybe_die(*args, **kwargs):
+            real_update(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] == kill_at:  # kill -9 in the middle of step kill_at
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        training.update_ema = update_then_maybe_die
+        if os.environ.get("KILL_IN_SAVE"):  # die while a checkpoint is half written
+            real_save = training.save_optimizer
+
+            def save_then_die(optimizer, path):
+                if path.parent.name == f"checkpoint-{kill_at}.tmp":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_save(optimizer, path)
+
+            training.save_optimizer = save_then_die
+            training.update_ema = real_update
+    x, _ = load_mnist("train", os.environ["DATA"])
+    cfg = training.PretrainConfig(steps=steps, batch_size=16, warmup_steps=2, checkpoint_every=2, log_every=1)
+    training.pretrain(tiny_model(), x[:64], cfg, Accelerator(cpu=True), out, progress=False)
+    """
+)
+
+
+def _job(out, kill_at: int, data_dir, kill_in_save: bool = False) -> int:
+    env = {"DATA": str(data_dir), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    if kill_in_save:
+        env["KILL_IN_SAVE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", JOB, str(out), str(STEPS), str(kill_at)],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode in (0, -9), proc.stderr[-3000:]
+    return proc.returncode
+
+
+def _final(out):
+    return load_file(str(out / f"checkpoint-{STEPS}" / "online" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kill_at,in_save", [(5, False), (7, False), (6, True)])
+def test_killed_pretraining_resumes_bit_exactly(kill_at, in_save, tmp_path, data_dir):
+    ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    assert _job(ref, 0, data_dir) == 0
+    assert _job(run, kill_at, data_dir, kill_in_save=in_save) == -9
+    if in_save:  # the half-written checkpoint is a .tmp folder, never taken for a checkpoint
+        assert (run / f"checkpoint-{kill_at}.tmp").is_dir() and not (run / f"checkpoint-{kill_at}").exists()
+    assert not (run / f"checkpoint-{STEPS}").exists()
+    assert _job(run, 0, data_dir) == 0  # the same command again resumes
+    a, b = _final(ref), _final(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (run / "log.jsonl").read_text() == (ref / "log.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # no step logged twice
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, data_dir):
+    from rrcm_diffusers.data import load_mnist
+
+    x, _ = load_mnist("train", data_dir)
+    cfg = PretrainConfig(steps=4, batch_size=16, warmup_steps=0, checkpoint_every=2, log_every=1)
+    pretrain(tiny_model(), x[:64], cfg, Accelerator(cpu=True), tmp_path, progress=False)
+    (tmp_path / "checkpoint-4" / "optimizer.safetensors").write_bytes(b"truncated")
+    longer = PretrainConfig(steps=6, batch_size=16, warmup_steps=0, checkpoint_every=2, log_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, hist = pretrain(tiny_model(), x[:64], longer, Accelerator(cpu=True), tmp_path, progress=False)
+    assert any("skipping checkpoint" in str(w.message) and "checkpoint-4" in str(w.message) for w in caught)
+    assert [h["step"] for h in hist] == [3, 4, 5, 6]  # resumed from checkpoint-2
