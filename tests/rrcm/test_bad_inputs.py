@@ -244,3 +244,45 @@ def test_stray_checkpoint_names_are_ignored(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-8.bak", "checkpoint-x"):
         (tmp_path / name).mkdir()
     assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+# ------------------------------------------------------------------ cached experiment stages
+
+
+def _tiny_experiment(data_dir, **model):
+    from rrcm_diffusers.experiment import load_config
+
+    return load_config(
+        None,
+        data_dir=str(data_dir),
+        sigmas=[0.5],
+        model={"patch_size": 7, "hidden_size": 32, "depth": 1, "num_heads": 2, **model},
+        pretrain={"steps": 2, "batch_size": 16, "checkpoint_every": 1, "warmup_steps": 0},
+        finetune={"probe_steps": 1, "steps": 1, "batch_size": 16, "warmup_steps": 0},
+        cohen={"enabled": False},
+        dds={"enabled": False},
+        probe={"enabled": False},
+        certify={"per_class": 1, "n0": 10, "n": 20, "alpha": 0.001, "batch_size": 32},
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_cached_stage_is_reused_only_under_its_own_config(tmp_path, data_dir):
+    from rrcm_diffusers.experiment import run
+
+    out = tmp_path / "exp"
+    first = run(_tiny_experiment(data_dir), out, Accelerator(cpu=True), progress=False)
+    again = run(_tiny_experiment(data_dir), out, Accelerator(cpu=True), progress=False)  # cached stages
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if "second" not in k and "ms_per" not in k} for r in rows]
+
+    assert untimed(again["certified"]) == untimed(first["certified"])
+    assert set(again["timings_s"]) == {"certify"}  # nothing was trained again
+    with pytest.raises(
+        ValueError, match=r"pretrain holds results made with another config \(differs in \['model'\]"
+    ):
+        run(_tiny_experiment(data_dir, hidden_size=64), out, Accelerator(cpu=True), progress=False)
+    (out / "rrcm-sigma0.5" / "stage.json").unlink()  # results whose config is unknown
+    with pytest.raises(ValueError, match=r"rrcm-sigma0\.5 holds results with no record of the config"):
+        run(_tiny_experiment(data_dir), out, Accelerator(cpu=True), progress=False)
