@@ -51,7 +51,9 @@ def main() -> None:
     q = args.quick
     # rRCM-B is 768/12/12 on 32x32 with patch 2 (the paper); a smaller ViT keeps the check to minutes
     kw = dict(image_size=32, in_channels=3, patch_size=4, hidden_size=64 if q else 384, depth=2 if q else 8)
-    kw.update(num_heads=2 if q else 6, projection_hidden_dim=64 if q else 1024, projection_dim=32 if q else 256)
+    kw.update(
+        num_heads=2 if q else 6, projection_hidden_dim=64 if q else 1024, projection_dim=32 if q else 256
+    )
     steps, batch, images_n = (4, 16, 64) if q else (60, 256, 4096)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (images_n, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -78,7 +80,10 @@ def main() -> None:
             _sync(device)
             ft_s = (time.perf_counter() - t0) / (steps + 1)
         results[f"train_{precision}"] = _emit(
-            what="training", precision=precision, pretrain_steps_per_s=1 / pre_s, finetune_steps_per_s=1 / ft_s
+            what="training",
+            precision=precision,
+            pretrain_steps_per_s=1 / pre_s,
+            finetune_steps_per_s=1 / ft_s,
         )
 
     # 2. certification: samples/s and TFLOP/s, fp32 and bf16
@@ -100,7 +105,9 @@ def main() -> None:
             certify(classifier, test[:1].to(device), sigma, 10, 100, batch_size=1000)  # warm-up
             _sync(device)
             t0 = time.perf_counter()
-            res = certify(classifier, test.to(device), sigma, n0, n, batch_size=1000, generator=torch.Generator())
+            res = certify(
+                classifier, test.to(device), sigma, n0, n, batch_size=1000, generator=torch.Generator()
+            )
             _sync(device)
         seconds = time.perf_counter() - t0
         samples_per_s = len(test) * (n0 + n) / seconds
