@@ -44,7 +44,11 @@ def check_inputs(data_dir: Path) -> None:
     needed = [
         "images/mnist/mnist-train-5k.csv.gz",
         "images/mnist/t10k-images-idx3-ubyte.gz",
+        "images/mnist/t10k-labels-idx1-ubyte.gz",
         "text/retrieval/cmrc2018/corpus.jsonl",
+        "text/retrieval/cmrc2018/queries.jsonl",
+        "text/retrieval/cmrc2018/qrels/train.tsv",
+        "text/retrieval/cmrc2018/qrels/test.tsv",
         "text/pairs/zh/stsb-zh-train.tsv",
         "text/pairs/zh/stsb-zh-test.tsv",
     ]

@@ -27,6 +27,18 @@ def test_missing_data_is_named(tmp_path):
     assert "data missing under" in proc.stderr and "mnist-train-5k.csv.gz" in proc.stderr
 
 
+def test_every_file_the_job_reads_is_checked_first(tmp_path, data_dir):
+    # a copy of the data folder (links) with the test labels and the CMRC qrels missing: the job
+    # must say so at once, not after the whole rRCM stage
+    for f in data_dir.rglob("*"):
+        if f.is_file() and f.name not in ("t10k-labels-idx1-ubyte.gz", "test.tsv"):
+            (tmp_path / "data" / f.relative_to(data_dir)).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / f.relative_to(data_dir)).symlink_to(f)
+    proc = run_job("--out", str(tmp_path / "r"), "--data-dir", str(tmp_path / "data"), timeout=120)
+    assert proc.returncode == 2
+    assert "t10k-labels-idx1-ubyte.gz" in proc.stderr and "qrels/test.tsv" in proc.stderr
+
+
 def test_overwrite_never_deletes_a_folder_the_job_did_not_write(tmp_path, data_dir):
     thesis = tmp_path / "mine" / "thesis" / "chapter1.tex"
     thesis.parent.mkdir(parents=True)
