@@ -286,3 +286,23 @@ def test_a_cached_stage_is_reused_only_under_its_own_config(tmp_path, data_dir):
     (out / "rrcm-sigma0.5" / "stage.json").unlink()  # results whose config is unknown
     with pytest.raises(ValueError, match=r"rrcm-sigma0\.5 holds results with no record of the config"):
         run(_tiny_experiment(data_dir), out, Accelerator(cpu=True), progress=False)
+
+
+@pytest.mark.parametrize(
+    "shape,entry", [((2, 3, 28, 28), "certify"), ((2, 1, 32, 32), "certify"), ((2, 3, 28, 28), "call")]
+)
+def test_dds_names_an_image_shape_its_unet_cannot_take(shape, entry):
+    from diffusers import DDPMScheduler
+
+    from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
+
+    pipe = DDSPipeline(
+        unet=small_unet(),
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+        classifier=tiny_model(num_classes=10),
+    )
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 1, 28, 28\) for this pipeline's UNet"):
+        if entry == "certify":
+            pipe.certify(torch.rand(*shape), sigma=0.5, n0=10, n=20)
+        else:
+            pipe(torch.rand(*shape), sigma=0.5, num_samples=20)

@@ -61,6 +61,20 @@ class DDSPipeline(DiffusionPipeline):
 
         return f
 
+    def _prepare(self, images) -> torch.Tensor:
+        """Images on the pipeline's device, checked against the UNet's input shape."""
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch.Tensor in [0, 1], got {type(images).__name__}")
+        size, channels = self.unet.config.sample_size, self.unet.config.in_channels
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        x = images.unsqueeze(0) if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != channels or tuple(x.shape[-2:]) != size:
+            raise ValueError(
+                f"images must have shape (N, {channels}, {size[0]}, {size[1]}) for this pipeline's UNet, "
+                f"got {tuple(images.shape)}"
+            )
+        return x.to(self.device)
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -75,7 +89,7 @@ class DDSPipeline(DiffusionPipeline):
         """Smoothed prediction with abstention (Cohen's PREDICT); see `RRCMPipeline.__call__`."""
         out = predict(
             self.base_classifier(sigma),
-            images.to(self.device),
+            self._prepare(images),
             sigma,
             num_samples,
             alpha,
@@ -100,7 +114,7 @@ class DDSPipeline(DiffusionPipeline):
     ):
         """Certified L2 radius per image (Cohen's CERTIFY); see `RRCMPipeline.certify`."""
         out = certify(
-            self.base_classifier(sigma), images.to(self.device), sigma, n0, n, alpha, batch_size, generator
+            self.base_classifier(sigma), self._prepare(images), sigma, n0, n, alpha, batch_size, generator
         )
         if not return_dict:
             return (out.predictions, out.radii, out.p_lower, out.counts)
