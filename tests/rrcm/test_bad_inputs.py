@@ -279,6 +279,8 @@ def test_a_cached_stage_is_reused_only_under_its_own_config(tmp_path, data_dir):
 
     assert untimed(again["certified"]) == untimed(first["certified"])
     assert set(again["timings_s"]) == {"certify"}  # nothing was trained again
+    card = (out / "rrcm-sigma0.5" / "pipeline" / "README.md").read_text()  # the card states what was measured
+    assert "certified accuracy" in card and f"| ACR | {first['certified'][0]['acr']:.3f} |" in card
     with pytest.raises(
         ValueError, match=r"pretrain holds results made with another config \(differs in \['model'\]"
     ):

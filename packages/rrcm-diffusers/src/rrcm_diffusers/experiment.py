@@ -24,7 +24,7 @@ from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 from .data import load_dataset, strided_class_subset
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
-from .pipeline_rrcm import RRCMPipeline
+from .pipeline_rrcm import RRCMPipeline, write_model_card
 from .report import certify_methods, markdown_table, write_report
 from .training import FinetuneConfig, PretrainConfig, finetune, linear_probe_accuracy, pretrain
 from .trajectory import CERTIFY_NUM_SCALES, grid_scheduler
@@ -297,6 +297,21 @@ def run(
             f"CERTIFY n0={cc['n0']}, n={cc['n']}, alpha={cc['alpha']}; noise in [0, 1] pixel space."
         )
         paths = write_report(rows, out / "report", f"Certified accuracy (%) — {cfg['dataset']}", notes)
+        # each rRCM pipeline folder gets a model card with the certified accuracy just measured
+        for row in rows:
+            if row["method"] == "rRCM":
+                f = cfg["finetune"]
+                write_model_card(
+                    methods["rRCM"][row["sigma"]],
+                    sigma=row["sigma"],
+                    data=f"{cfg['dataset']} train ({len(x_train)} images)",
+                    steps={
+                        "pretraining": cfg["pretrain"].get("steps", 0),
+                        "linear probe": f.get("probe_steps", 0),
+                        "fine-tuning": f.get("steps", 0),
+                    },
+                    certified={k: v for k, v in row.items() if k.startswith("r=")} | {"ACR": row["acr"]},
+                )
         summary["certified"] = rows
         summary["report"] = {k: str(v) for k, v in paths.items()}
         summary["table_md"] = markdown_table(rows)
