@@ -65,3 +65,30 @@ def test_dict_keys_in_another_order_per_rank_gather_by_key(debug):
     for rank, res in enumerate(results):
         assert res["keys"] == (["a", "b"] if rank == 0 else ["b", "a"])  # each caller's own order
         assert torch.equal(res["a"], expect_a) and torch.equal(res["b"], expect_b)
+
+
+def _w_raise_then_barrier() -> str:
+    import os
+    import time
+
+    rank, t0 = dist.get_rank(), time.monotonic()
+    try:
+        if rank == 1:
+            try:
+                raise ValueError("rank 1 failed before the gather")
+            finally:
+                shared_dist.barrier()  # the usual cleanup: a DIFFERENT collective than rank 0's
+        shared_dist.gather(torch.ones(2, 3), return_offsets=True)
+        return "no error"
+    except Exception as err:
+        return f"{type(err).__name__} after {time.monotonic() - t0:.1f}s: {err} [{os.environ['SHARED_DIST_TIMEOUT']}]"
+
+
+@pytest.mark.distributed
+def test_a_rank_that_raises_makes_the_others_fail_within_the_bound():
+    # without the bound, rank 0 would wait in its gather for the process group's 60 s here
+    results = launch(_w_raise_then_barrier, 2, timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"})
+    assert results[0].startswith("DistributedOperationError"), results[0]
+    assert "gather (sizes) on rank 0: the other ranks did not complete it within 0:00:03" in results[0]
+    assert float(results[0].split(" after ")[1].split("s:")[0]) < 15, results[0]
+    assert results[1].startswith(("ValueError", "DistributedOperationError")), results[1]

@@ -107,6 +107,27 @@ def is_debug_mode() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def _collective_timeout() -> timedelta | None:
+    """How long a tensor collective of this package waits for the other ranks (SHARED_DIST_TIMEOUT,
+    seconds; default 600, NCCL's own default; 0: the process group's timeout, 30 min on gloo)."""
+    seconds = float(os.environ.get("SHARED_DIST_TIMEOUT", "600"))
+    return timedelta(seconds=seconds) if seconds > 0 else None
+
+
+def _wait(op: str, work: dist.Work, group: dist.ProcessGroup | None) -> None:
+    """Wait for an async collective, bounded: a rank that raised (and went on to another
+    collective, or exited) makes the others fail with this message instead of hanging."""
+    timeout = _collective_timeout()
+    try:
+        work.wait(timeout) if timeout is not None else work.wait()
+    except RuntimeError as err:
+        raise DistributedOperationError(
+            f"{op} on rank {dist.get_rank(group)}: the other ranks did not complete it within "
+            f"{timeout or 'the process group timeout'} (SHARED_DIST_TIMEOUT) — one of them raised, exited, or "
+            f"is in a different collective; SHARED_DIST_DEBUG=1 names the ranks that do not arrive ({err})"
+        ) from err
+
+
 def _debug_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("SHARED_DIST_DEBUG_TIMEOUT", "60")))
 
@@ -199,7 +220,7 @@ def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> lis
     world = dist.get_world_size(group)
     local = torch.tensor(meta, dtype=torch.int64, device=tensor.device)
     everyone = torch.empty(world * _META_LEN, dtype=torch.int64, device=tensor.device)
-    _all_gather_single(everyone, local, group=group)
+    _wait("gather (sizes)", _all_gather_single(everyone, local, group=group, async_op=True), group)
     table = everyone.view(world, _META_LEN).tolist()
     if any(row[1:] != table[0][1:] for row in table):
         lines = "\n".join(
@@ -227,7 +248,7 @@ class _Gather(torch.autograd.Function):
         if x.shape[0] < rows:  # gloo needs equal sizes, and an empty rank would crash it
             x = torch.cat([x, x.new_zeros((rows - x.shape[0], *rest))])
         out = x.new_empty((world * rows, *rest))  # (W*max_n, ...)
-        _all_gather_single(out, x, group=group)
+        _wait("gather", _all_gather_single(out, x, group=group, async_op=True), group)
         if all(s == rows for s in sizes):
             return out
         out = out.view(world, rows, *rest)  # (W, max_n, ...)
@@ -247,7 +268,8 @@ class _Gather(torch.autograd.Function):
                 padded[r, : sizes[r]] = chunk
             padded = padded.view(world * rows, *rest)
         mine = grad.new_empty((rows, *rest))  # (max_n, ...): sum over ranks of my rows
-        _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group)
+        work = _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
+        _wait("gather (backward)", work, ctx.group)
         return mine[: sizes[ctx.rank]], None, None
 
 
@@ -339,7 +361,7 @@ def reduce(data: Any, op: str = "sum", *, group: dist.ProcessGroup | None = None
 
     def _one(t: torch.Tensor) -> torch.Tensor:
         out = t.detach().clone()
-        dist.all_reduce(out, op=ops[op], group=group)
+        _wait(f"reduce({op!r})", dist.all_reduce(out, op=ops[op], group=group, async_op=True), group)
         return out / world if op == "mean" else out
 
     return _map(_one, data)
@@ -389,4 +411,4 @@ def check_same(value: Any, name: str = "value", *, group: dist.ProcessGroup | No
 def barrier(*, group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank (a no-op in one process)."""
     if is_distributed(group):
-        dist.barrier(group=group)
+        _wait("barrier", dist.barrier(group=group, async_op=True), group)
