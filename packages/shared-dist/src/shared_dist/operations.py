@@ -122,9 +122,10 @@ def _wait(op: str, work: dist.Work, group: dist.ProcessGroup | None) -> None:
         work.wait(timeout) if timeout is not None else work.wait()
     except RuntimeError as err:
         raise DistributedOperationError(
-            f"{op} on rank {dist.get_rank(group)}: the other ranks did not complete it within "
-            f"{timeout or 'the process group timeout'} (SHARED_DIST_TIMEOUT) — one of them raised, exited, or "
-            f"is in a different collective; SHARED_DIST_DEBUG=1 names the ranks that do not arrive ({err})"
+            f"{op} on rank {dist.get_rank(group)} failed: the other ranks did not complete it (this rank "
+            f"waits at most {timeout or 'the process group timeout'}, SHARED_DIST_TIMEOUT) — one of them "
+            f"raised, exited, or is in a different collective; SHARED_DIST_DEBUG=1 names the ranks that do "
+            f"not arrive ({err})"
         ) from err
 
 
