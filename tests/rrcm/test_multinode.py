@@ -103,5 +103,6 @@ def test_killing_one_machine_makes_the_other_fail_with_a_message(tmp_path, data_
     _, err = machines[0].communicate(timeout=240)
     waited = time.monotonic() - t0
     assert machines[0].returncode != 0
-    assert "DistributedOperationError" in err or "Connection closed by peer" in err, err[-3000:]
+    # whichever collective rank 0 was in (shared-dist's, or DDP's own all-reduce) fails, and says so
+    assert "DistributedOperationError" in err or "Connection" in err, err[-3000:]
     assert waited < 120, waited  # SHARED_DIST_TIMEOUT=20 plus the launcher's shutdown

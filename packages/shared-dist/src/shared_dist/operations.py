@@ -114,6 +114,16 @@ def _collective_timeout() -> timedelta | None:
     return timedelta(seconds=seconds) if seconds > 0 else None
 
 
+def _failed(op: str, err: Exception, group: dist.ProcessGroup | None) -> DistributedOperationError:
+    timeout = _collective_timeout()
+    return DistributedOperationError(
+        f"{op} on rank {dist.get_rank(group)} failed: the other ranks did not complete it (this rank "
+        f"waits at most {timeout or 'the process group timeout'}, SHARED_DIST_TIMEOUT) — one of them "
+        f"raised, exited, or is in a different collective; SHARED_DIST_DEBUG=1 names the ranks that do "
+        f"not arrive ({err})"
+    )
+
+
 def _wait(op: str, work: dist.Work, group: dist.ProcessGroup | None) -> None:
     """Wait for an async collective, bounded: a rank that raised (and went on to another
     collective, or exited) makes the others fail with this message instead of hanging."""
@@ -121,12 +131,7 @@ def _wait(op: str, work: dist.Work, group: dist.ProcessGroup | None) -> None:
     try:
         work.wait(timeout) if timeout is not None else work.wait()
     except RuntimeError as err:
-        raise DistributedOperationError(
-            f"{op} on rank {dist.get_rank(group)} failed: the other ranks did not complete it (this rank "
-            f"waits at most {timeout or 'the process group timeout'}, SHARED_DIST_TIMEOUT) — one of them "
-            f"raised, exited, or is in a different collective; SHARED_DIST_DEBUG=1 names the ranks that do "
-            f"not arrive ({err})"
-        ) from err
+        raise _failed(op, err, group) from err
 
 
 def _debug_timeout() -> timedelta:
@@ -382,7 +387,10 @@ def gather_object(obj: Any, *, group: dist.ProcessGroup | None = None) -> list[A
     if is_debug_mode():
         _debug_check("gather_object", torch.empty(0), group, same_shape=True)
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    except RuntimeError as err:  # torch has no bounded wait for object collectives: name the failure
+        raise _failed("gather_object", err, group) from err
     return out
 
 
@@ -393,7 +401,10 @@ def broadcast_object(obj: Any, src: int = 0, *, group: dist.ProcessGroup | None 
     if not is_distributed(group):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
+    try:
+        dist.broadcast_object_list(box, src=src, group=group)
+    except RuntimeError as err:
+        raise _failed("broadcast_object", err, group) from err
     return box[0]
 
 
