@@ -150,12 +150,7 @@ def _save_checkpoint(
 
 def _load_pretrain_checkpoint(out: Path, model, target, optimizer, scheduler) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads completely; a damaged one is skipped with a warning."""
-    ckpts = sorted(
-        (p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-        key=lambda p: int(p.name.split("-")[1]),
-        reverse=True,
-    )
-    for ckpt in ckpts:
+    for ckpt in _checkpoints(out):
         try:
             online_state = RRCMModel.from_pretrained(ckpt / "online").state_dict()
             target_state = RRCMModel.from_pretrained(ckpt / "target").state_dict()
@@ -198,11 +193,17 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
 
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step; other names (``checkpoint-8.bak``)
-    are not checkpoints of this trainer and are ignored."""
+def _checkpoints(out: str | Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders, newest first; other names (``checkpoint-8.bak``, a
+    ``checkpoint-8.tmp`` left by a killed save) are not checkpoints of this trainer."""
     ckpts = [p for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step."""
+    ckpts = _checkpoints(out)
+    return ckpts[0] if ckpts else None
 
 
 def _check_images(images: torch.Tensor, name: str = "images") -> None:
