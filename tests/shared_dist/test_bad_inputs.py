@@ -93,3 +93,78 @@ def test_a_rank_that_raises_makes_the_others_fail_within_the_bound():
     assert "waits at most 0:00:03" in results[0]
     assert float(results[0].split(" after ")[1].split("s:")[0]) < 15, results[0]
     assert results[1].startswith(("ValueError", "DistributedOperationError")), results[1]
+
+
+def _w_reduce_mismatch(kind: str) -> str:
+    rank = dist.get_rank()
+    if kind == "shape":
+        data = {"x": torch.ones(2 + rank)}
+    elif kind == "structure":  # rank 1 has one more tensor: one more all_reduce than rank 0
+        data = {"x": torch.ones(2)} if rank == 0 else {"x": torch.ones(2), "y": torch.ones(2)}
+    else:  # same structure, keys inserted in another order: fine, paired by key
+        data = {"x": torch.ones(2), "y": torch.full((3,), 2.0)}
+        data = data if rank == 0 else dict(reversed(list(data.items())))
+    try:
+        out = shared_dist.reduce(data, "sum")
+        return repr({k: out[k].tolist() for k in sorted(out)})
+    except shared_dist.DistributedOperationError as err:
+        return f"DistributedOperationError: {err}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["shape", "structure", "key order"])
+def test_reduce_mismatch_without_debug_mode_is_named(kind):
+    # without the structure check, gloo reported these as a connection error (or hung)
+    results = launch(_w_reduce_mismatch, 2, (kind,), timeout=60, env={"SHARED_DIST_DEBUG": "0"})
+    if kind == "key order":
+        assert results == [repr({"x": [2.0, 2.0], "y": [4.0, 4.0, 4.0]})] * 2
+        return
+    for res in results:
+        assert res.startswith("DistributedOperationError: reduce('sum'): every rank must pass the same"), res
+        assert "rank 0:" in res and "rank 1:" in res
+    if kind == "shape":
+        assert "(2,)" in results[0] and "(3,)" in results[0]
+
+
+def _w_object_after_raise(op: str) -> str:
+    import time
+
+    rank, t0 = dist.get_rank(), time.monotonic()
+    try:
+        if rank == 1:
+            try:
+                raise ValueError("rank 1 failed before the object collective")
+            finally:
+                shared_dist.barrier()
+        if op == "gather_object":
+            shared_dist.gather_object({"rank": rank})
+        elif op == "broadcast_object":
+            shared_dist.broadcast_object("config", src=0)
+        else:
+            shared_dist.check_same(3, "steps")
+        return "no error"
+    except Exception as err:
+        return f"{type(err).__name__} after {time.monotonic() - t0:.1f}s: {err}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("op", ["gather_object", "broadcast_object", "check_same"])
+def test_object_collectives_have_the_bounded_wait(op):
+    # torch's object collectives wait for the process group's timeout (60 s here, 30 min by default)
+    results = launch(_w_object_after_raise, 2, (op,), timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"})
+    assert results[0].startswith("DistributedOperationError"), results[0]
+    assert "waits at most 0:00:03" in results[0]
+    assert float(results[0].split(" after ")[1].split("s:")[0]) < 15, results[0]
+
+
+def _w_objects() -> list:
+    rank = dist.get_rank()
+    obj = {"rank": rank, "text": "é" * (1000 * rank), "ids": list(range(rank))}
+    return [shared_dist.gather_object(obj), shared_dist.broadcast_object(obj, src=2)]
+
+
+@pytest.mark.distributed
+def test_object_collectives_round_trip_unequal_sizes():
+    results = launch(_w_objects, 3, timeout=60)
+    want = [{"rank": r, "text": "é" * (1000 * r), "ids": list(range(r))} for r in range(3)]
+    assert all(res == [want, want[2]] for res in results)

@@ -30,12 +30,22 @@ every operation first meet at a monitored barrier (gloo names a rank that never
 arrives instead of hanging) and compare the full structure, shapes, dtypes and
 devices of the inputs of every rank, raising :class:`DistributedOperationError`
 that lists every rank's shapes. Without debug mode, mismatched trailing shapes or
-dtypes of a gathered tensor are still caught (the size exchange carries them).
+dtypes of a gathered tensor are still caught (the size exchange carries them), and
+``reduce`` compares a checksum of the structure and shapes first (one small all-reduce).
+
+Bounded waits
+-------------
+Every collective of this package, the object ones included, waits at most
+``SHARED_DIST_TIMEOUT`` seconds (default 600) for the other ranks, then raises
+:class:`DistributedOperationError`: a rank that raised and went on to another
+collective, or died, never hangs the rest for the process group's 30 minutes.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -192,8 +202,7 @@ def _debug_check(op: str, data: Any, group: dist.ProcessGroup | None, same_shape
             raise DistributedOperationError(
                 f"{op}: not every rank reached the collective within {_debug_timeout()}: {err}"
             ) from err
-    descs = [None] * dist.get_world_size(group)
-    dist.all_gather_object(descs, _describe(data), group=group)
+    descs = _gather_objects(op, _describe(data), group)
     key = (lambda d: d) if same_shape else _trailing
     if any(key(d) != key(descs[0]) for d in descs):
         lines = "\n".join(f"  rank {r}: {d}" for r, d in enumerate(descs))
@@ -346,6 +355,36 @@ def local_slice(offsets: Sequence[int], rank: int | None = None) -> slice:
 # ----------------------------------------------------------------------------- reduce
 
 
+def _check_same_structure(op: str, data: Any, group: dist.ProcessGroup | None) -> None:
+    """One 2-element all-reduce: the max and min over ranks of a checksum of the structure,
+    shapes and dtypes. Unequal checksums would pair different tensors (or hang on a
+    different number of them), so every rank raises, with every rank's description."""
+    desc = _describe(_map(lambda t: t, data))  # type-checks the leaves too
+    crc = zlib.crc32(repr(_sorted(desc)).encode())
+    device = _object_device(group)
+    both = torch.tensor([crc, -crc], dtype=torch.int64, device=device)
+    _wait(
+        f"{op} (structure check)",
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True),
+        group,
+    )
+    if both[0].item() != -both[1].item():
+        descs = _gather_objects(op, desc, group)
+        lines = "\n".join(f"  rank {r}: {d}" for r, d in enumerate(descs))
+        raise DistributedOperationError(
+            f"{op}: every rank must pass the same structure and shapes; got\n{lines}"
+        )
+
+
+def _sorted(desc: Any) -> Any:
+    """A description whose dict entries come in sorted key order (``reduce`` pairs them by key)."""
+    if isinstance(desc, dict):
+        return [(repr(k), _sorted(desc[k])) for k in sorted(desc, key=repr)]
+    if isinstance(desc, list):
+        return [_sorted(v) for v in desc]
+    return desc
+
+
 def reduce(data: Any, op: str = "sum", *, group: dist.ProcessGroup | None = None) -> Any:
     """Non-differentiable all-reduce of same-shaped tensors (``op`` in sum/mean/max/min).
 
@@ -363,6 +402,8 @@ def reduce(data: Any, op: str = "sum", *, group: dist.ProcessGroup | None = None
         return _map(lambda t: t.detach().clone(), data)
     if is_debug_mode():
         _debug_check("reduce", data, group, same_shape=True)
+    else:
+        _check_same_structure(f"reduce({op!r})", data, group)
     world = dist.get_world_size(group)
 
     def _one(t: torch.Tensor) -> torch.Tensor:
@@ -376,6 +417,32 @@ def reduce(data: Any, op: str = "sum", *, group: dist.ProcessGroup | None = None
 # ----------------------------------------------------------------------------- objects
 
 
+def _object_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where byte tensors travel: NCCL moves CUDA tensors only (as torch's object collectives)."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather_objects(op: str, obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    """Pickle, gather the bytes with the bounded tensor collectives, unpickle per rank.
+
+    torch's ``all_gather_object`` waits for the process group's timeout (30 min on gloo);
+    this one fails after ``SHARED_DIST_TIMEOUT`` like every other operation here."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(_object_device(group))
+    world = dist.get_world_size(group)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=payload.device)
+    sizes = size.new_empty(world)
+    _wait(f"{op} (sizes)", _all_gather_single(sizes, size, group=group, async_op=True), group)
+    sizes_list = sizes.tolist()
+    rows = max(sizes_list)
+    padded = torch.cat([payload, payload.new_zeros(rows - payload.numel())])
+    out = payload.new_empty(world * rows)
+    _wait(op, _all_gather_single(out, padded, group=group, async_op=True), group)
+    out = out.view(world, rows).cpu()
+    return [pickle.loads(out[r, : sizes_list[r]].numpy().tobytes()) for r in range(world)]
+
+
 def gather_object(obj: Any, *, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Every rank's ``obj`` (ids, strings, small metadata) as a list in rank order.
 
@@ -386,12 +453,7 @@ def gather_object(obj: Any, *, group: dist.ProcessGroup | None = None) -> list[A
         return [obj]
     if is_debug_mode():
         _debug_check("gather_object", torch.empty(0), group, same_shape=True)
-    out: list[Any] = [None] * dist.get_world_size(group)
-    try:
-        dist.all_gather_object(out, obj, group=group)
-    except RuntimeError as err:  # torch has no bounded wait for object collectives: name the failure
-        raise _failed("gather_object", err, group) from err
-    return out
+    return _gather_objects("gather_object", obj, group)
 
 
 def broadcast_object(obj: Any, src: int = 0, *, group: dist.ProcessGroup | None = None) -> Any:
@@ -400,12 +462,15 @@ def broadcast_object(obj: Any, src: int = 0, *, group: dist.ProcessGroup | None 
         raise ValueError(f"src must be a rank in [0, {get_world_size(group)}), got {src}")
     if not is_distributed(group):
         return obj
-    box = [obj]
-    try:
-        dist.broadcast_object_list(box, src=src, group=group)
-    except RuntimeError as err:
-        raise _failed("broadcast_object", err, group) from err
-    return box[0]
+    device = _object_device(group)
+    is_src = dist.get_rank(group) == src
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if is_src else None
+    size = torch.tensor([payload.numel() if is_src else 0], dtype=torch.int64, device=device)
+    global_src = dist.get_global_rank(group, src) if group is not None else src
+    _wait("broadcast_object (size)", dist.broadcast(size, global_src, group=group, async_op=True), group)
+    data = payload.to(device) if is_src else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    _wait("broadcast_object", dist.broadcast(data, global_src, group=group, async_op=True), group)
+    return obj if is_src else pickle.loads(data.cpu().numpy().tobytes())
 
 
 def check_same(value: Any, name: str = "value", *, group: dist.ProcessGroup | None = None) -> None:
