@@ -151,7 +151,9 @@ def _w_object_after_raise(op: str) -> str:
 @pytest.mark.parametrize("op", ["gather_object", "broadcast_object", "check_same"])
 def test_object_collectives_have_the_bounded_wait(op):
     # torch's object collectives wait for the process group's timeout (60 s here, 30 min by default)
-    results = launch(_w_object_after_raise, 2, (op,), timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"})
+    results = launch(
+        _w_object_after_raise, 2, (op,), timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"}
+    )
     assert results[0].startswith("DistributedOperationError"), results[0]
     assert "waits at most 0:00:03" in results[0]
     assert float(results[0].split(" after ")[1].split("s:")[0]) < 15, results[0]
