@@ -4,12 +4,14 @@
   β·CoSENT, both tasks in every optimisation step;
 * :class:`TaskBalancedBatchSampler` and :func:`make_balanced_datasets` — the batches it needs,
   through sentence-transformers' own multi-dataset batch sampler extension point;
-* :class:`DynamicHardNegativeMiningCallback` — hard negatives refreshed while training runs.
+* :class:`DynamicHardNegativeMiningCallback` — hard negatives refreshed while training runs;
+* :func:`last_complete_checkpoint` — resume after a kill from the newest checkpoint written whole.
 """
 
 from __future__ import annotations
 
 from .callbacks import DynamicHardNegativeMiningCallback
+from .checkpoints import last_complete_checkpoint
 from .data import make_balanced_datasets
 from .layout import TaskLayout
 from .losses import CrossGPUBalancingLoss
@@ -25,6 +27,7 @@ __all__ = [
     "TaskBalancedBatchSampler",
     "TaskLayout",
     "dynamic_negatives_dataset",
+    "last_complete_checkpoint",
     "make_balanced_datasets",
     "mine_candidates",
 ]

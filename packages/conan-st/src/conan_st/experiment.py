@@ -30,6 +30,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from sentence_transformers.util import mine_hard_negatives
 
 from .callbacks import DynamicHardNegativeMiningCallback
+from .checkpoints import last_complete_checkpoint
 from .data import default_data_dir, load_sts, make_balanced_datasets, retrieval_pairs
 from .evaluation import evaluate_model, local_tasks
 from .losses import CrossGPUBalancingLoss
@@ -65,10 +66,19 @@ def train_recipe(
     train_queries: int | None = None,
     progress: bool = True,
     sts_rows: int | None = None,
+    save_steps: int = 0,
+    resume: bool = False,
 ) -> tuple[SentenceTransformer, dict[str, Any]]:
-    """Train one recipe; returns the model and a record of what happened."""
+    """Train one recipe; returns the model and a record of what happened.
+
+    ``save_steps > 0`` writes ``out/checkpoint-<step>`` every ``save_steps`` steps; ``resume``
+    continues from the newest complete one (exactly: weights, optimiser, RNG, data order and
+    the mining store), or starts afresh when there is none.
+    """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if not isinstance(save_steps, int) or save_steps < 0:
+        raise ValueError(f"save_steps must be an int >= 0 (0: no checkpoints), got {save_steps!r}")
     root = Path(data_dir or default_data_dir()) / "text"
     torch.manual_seed(seed)
     model = SentenceTransformer(model_path or default_model_path(), device="cpu")
@@ -92,7 +102,8 @@ def train_recipe(
         warmup_steps=0.1,
         seed=seed,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         logging_steps=max(steps // 10, 1),
         disable_tqdm=not progress,
         per_device_train_batch_size=batch_size,
@@ -138,7 +149,7 @@ def train_recipe(
         model=model, args=args, train_dataset=train, loss=loss, callbacks=callbacks
     )
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
     record["train_s"] = round(time.perf_counter() - t0, 1)
     record["s_per_step"] = round(record["train_s"] / steps, 3)
     if recipe == "conan":
@@ -170,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-negatives", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in --out"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, record = train_recipe(
@@ -180,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         num_negatives=args.num_negatives,
         seed=args.seed,
+        save_steps=args.save_steps,
+        resume=args.resume,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         model.save(str(Path(args.out) / "final"))

@@ -1,0 +1,67 @@
+"""Resume from the newest checkpoint that was written whole.
+
+transformers writes ``checkpoint-<step>`` in place, file by file, and ``trainer_state.json``
+last (it carries the mining store of :class:`~conan_st.DynamicHardNegativeMiningCallback`).
+A run killed while saving leaves a folder that ``resume_from_checkpoint=True`` picks and then
+fails on (or, with the state file present but cut short, cannot parse). This helper is the
+drop-in replacement that skips such folders with a warning::
+
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+from safetensors import safe_open
+
+__all__ = ["last_complete_checkpoint"]
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _problem(folder: Path, step: int) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it is complete."""
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        return "no trainer_state.json (the run stopped while saving)"
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"trainer_state.json is cut short or damaged ({err})"
+    if state.get("global_step") != step:
+        return f"trainer_state.json is for step {state.get('global_step')}, not {step}"
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad header
+            return f"{path.name} is damaged ({err})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``output_dir/checkpoint-<step>`` written whole, or None when there is none.
+
+    Incomplete or damaged checkpoints are skipped with a warning that says why; they are
+    never deleted (the next save of that step writes over them).
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
+        reverse=True,
+    )
+    for step, folder in found:
+        problem = _problem(folder, step)
+        if problem is None:
+            return str(folder)
+        warnings.warn(f"skipping checkpoint {folder}: {problem}", stacklevel=2)
+    return None
