@@ -41,7 +41,7 @@ def _problem(folder: Path, step: int) -> str | None:
         try:
             with safe_open(str(path), "pt"):
                 pass
-        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad header
+        except Exception as err:  # safetensors raises several types for a bad header
             return f"{path.name} is damaged ({err})"
     return None
 
