@@ -71,6 +71,9 @@ print("RESULT " + json.dumps({
     "epochs": args.num_train_epochs,
     "pairs": len(pairs),
     "weights": float(sum(p.double().sum() for p in model.parameters())),
+    "weights_sha256": __import__("hashlib").sha256(
+        b"".join(v.detach().cpu().contiguous().numpy().tobytes() for _, v in sorted(model.state_dict().items()))
+    ).hexdigest(),
     "base_weights": float(sum(p.double().sum() for p in SentenceTransformer("%s").parameters())),
 }))
 """
