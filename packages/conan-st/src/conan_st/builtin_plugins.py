@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from sentence_transformers.util import dot_score, semantic_search
 
 from .hooks import hookimpl
 
 
 class TorchSearch:
-    """Exact inner-product top-k in blocks: memory ~ corpus + one (query block x corpus block)."""
+    """Exact inner-product top-k: sentence-transformers' ``util.semantic_search`` (chunked, so
+    memory ~ corpus + one query block x corpus block), as tensors."""
 
     name = "torch"
 
@@ -22,21 +24,12 @@ class TorchSearch:
         self, queries: torch.Tensor, corpus: torch.Tensor, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _check(queries, corpus, top_k)
-        k = top_k
-        all_scores, all_idx = [], []
-        for qb in queries.split(self.query_block):
-            best_s = qb.new_full((qb.shape[0], 0), float("-inf"))
-            best_i = torch.empty((qb.shape[0], 0), dtype=torch.long)
-            for start in range(0, corpus.shape[0], self.corpus_block):
-                block = corpus[start : start + self.corpus_block]
-                s, i = (qb @ block.T).topk(min(k, block.shape[0]), dim=1)  # (q, k)
-                cand_s = torch.cat([best_s, s], 1)
-                cand_i = torch.cat([best_i, i + start], 1)
-                best_s, order = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-                best_i = cand_i.gather(1, order)
-            all_scores.append(best_s)
-            all_idx.append(best_i)
-        return torch.cat(all_scores), torch.cat(all_idx)
+        hits = semantic_search(
+            queries, corpus, self.query_block, self.corpus_block, top_k, score_function=dot_score
+        )  # per query: [{"corpus_id", "score"}], best first
+        scores = torch.tensor([[h["score"] for h in row] for row in hits], dtype=queries.dtype)  # (Q, k)
+        ids = torch.tensor([[h["corpus_id"] for h in row] for row in hits], dtype=torch.long)  # (Q, k)
+        return scores, ids
 
 
 class FaissSearch:
