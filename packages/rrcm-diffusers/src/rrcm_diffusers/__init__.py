@@ -3,12 +3,13 @@
 A noise-conditioned encoder trained along diffusion noise trajectories
 (:class:`RRCMModel`, :class:`RRCMPretrainingLoss`), fine-tuned with a linear head on
 noisy inputs (:class:`RRCMFinetuningLoss`), and certified with randomized smoothing
-(:class:`RRCMPipeline`, :func:`certify`).
+(:class:`RRCMPipeline`, :func:`certify`; a whole test set across processes: :func:`certify_dataset`).
 """
 
 from __future__ import annotations
 
 from .certification import CertifyResult, PredictResult, certify, predict
+from .dataset_certification import certify_dataset
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
 from .modeling_rrcm import GatheredBatchNorm1d, RRCMModel, RRCMModelOutput, info_nce
 from .pipeline_rrcm import CITATION, RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput, write_model_card
@@ -38,6 +39,7 @@ __all__ = [
     "RRCMPipelineOutput",
     "RRCMPretrainingLoss",
     "certify",
+    "certify_dataset",
     "ema_rate",
     "grid_index_for_sigma",
     "grid_scheduler",

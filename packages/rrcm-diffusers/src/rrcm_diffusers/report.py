@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .certification import average_certified_radius, certified_accuracy, certify
+from .certification import CertifyResult, average_certified_radius, certified_accuracy, certify
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 
@@ -40,23 +40,35 @@ def certify_methods(
             start = time.perf_counter()
             res = certify(clf, images, sigma, n0, n, alpha, batch_size, gen, progress=progress)
             seconds = time.perf_counter() - start
-            acc = certified_accuracy(res, labels, RADII)
-            rows.append(
-                {
-                    "method": name,
-                    "sigma": sigma,
-                    "images": int(labels.numel()),
-                    "n0": n0,
-                    "n": n,
-                    "alpha": alpha,
-                    **{f"r={r:g}": a for r, a in zip(RADII, acc)},
-                    "acr": average_certified_radius(res, labels),
-                    "abstain": float((res.predictions < 0).float().mean()),
-                    "seconds": seconds,
-                    "ms_per_noise_sample": 1000 * seconds / (labels.numel() * (n0 + n)),
-                }
-            )
+            rows.append(summary_row(name, sigma, res, labels, n0, n, alpha, seconds))
     return rows
+
+
+def summary_row(
+    method: str,
+    sigma: float,
+    result: CertifyResult,
+    labels: torch.Tensor,
+    n0: int,
+    n: int,
+    alpha: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """One report row: certified accuracy at every radius of ``RADII``, ACR, abstention, cost."""
+    acc = certified_accuracy(result, labels, RADII)
+    return {
+        "method": method,
+        "sigma": sigma,
+        "images": int(labels.numel()),
+        "n0": n0,
+        "n": n,
+        "alpha": alpha,
+        **{f"r={r:g}": a for r, a in zip(RADII, acc)},
+        "acr": average_certified_radius(result, labels),
+        "abstain": float((result.predictions < 0).float().mean()),
+        "seconds": seconds,
+        "ms_per_noise_sample": 1000 * seconds / max(labels.numel() * (n0 + n), 1),
+    }
 
 
 def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes: str = "") -> dict[str, Path]:

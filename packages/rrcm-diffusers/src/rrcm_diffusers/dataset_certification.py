@@ -1,0 +1,275 @@
+"""Certify a test set with a saved pipeline on every process of an ``accelerate launch``, resumably.
+
+    accelerate launch -m rrcm_diffusers.dataset_certification --pipeline runs/rrcm/rrcm-sigma0.5/pipeline \\
+        --dataset mnist --per-class 50 --sigma 0.5 --n 100000 --out runs/certify-rrcm
+
+How the work is shared (why the certificates do not depend on the number of processes):
+
+1. Image ``i``'s noise comes from its own generator, seeded from ``(seed, i)`` alone, and
+   ``certify`` draws noise in fixed chunks whatever the batch size: image ``i`` gets the same
+   certificate on rank 0 of 1 or on rank 5 of 8, with any ``--batch-size``, on any device.
+2. The images not certified yet are dealt round-robin to the ranks. In each round every rank
+   certifies at most one image; the round's records are gathered (a bounded collective of
+   shared-dist: a rank that dies makes the others fail within ``SHARED_DIST_TIMEOUT``, not
+   hang) and rank 0 appends them to ``OUT/certificates.jsonl``, one line per image, flushed
+   and fsync'd. Only rank 0 writes, so several machines need no shared disk.
+3. The same command again (any number of processes) reads that file and certifies only what
+   is missing; ``OUT/run.json`` records what the run certifies (pipeline weights, images, σ,
+   n0, n, α, seed) and a run that differs is refused rather than mixed in.
+4. Rank 0 writes the report (``OUT/report/``: the format of :mod:`rrcm_diffusers.report`),
+   stating processes, devices, n, α and wall time.
+
+Splitting one image's ``n`` samples across ranks is not done: with at least as many images as
+processes, only the last round can leave ranks idle (500 images on 8 processes: 63 rounds,
+4 idle slots of 504, 0.8 %), and per-image generators keep the certificates exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import norm
+from tqdm.auto import tqdm
+
+from shared_dist import broadcast_object, gather_object, get_rank, get_world_size
+
+from .certification import CertifyResult, certify
+from .pipeline_dds import DDSPipeline
+from .pipeline_rrcm import RRCMPipeline
+from .report import summary_row, write_report
+
+RECORDS = "certificates.jsonl"
+RUN = "run.json"
+PIPELINES = {"RRCMPipeline": RRCMPipeline, "DDSPipeline": DDSPipeline}
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for image ``index`` alone (numpy's SeedSequence mixes the two numbers)."""
+    hi, lo = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32).tolist()
+    return torch.Generator().manual_seed((hi << 32) | lo)
+
+
+def load_pipeline(path: str | Path) -> RRCMPipeline | DDSPipeline:
+    """An ``RRCMPipeline`` or ``DDSPipeline`` folder, by the class its ``model_index.json`` names."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"pipeline must be a saved RRCMPipeline/DDSPipeline folder, no {index}")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {sorted(PIPELINES)}, {index} names {name!r}")
+    return PIPELINES[name].from_pretrained(str(path))
+
+
+def base_classifier(pipeline: RRCMPipeline | DDSPipeline, sigma: float):
+    if isinstance(pipeline, DDSPipeline):
+        return pipeline.base_classifier(sigma)
+    return pipeline.classifier(sigma)
+
+
+def _fingerprint(pipeline: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, str]:
+    """SHA-256 of every weight of the pipeline's modules, and of the images and labels."""
+    weights = hashlib.sha256()
+    for name, component in sorted(pipeline.components.items()):
+        if isinstance(component, torch.nn.Module):
+            for key, value in sorted(component.state_dict().items()):
+                weights.update(f"{name}.{key}".encode())
+                weights.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    data = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes())
+    data.update(labels.detach().cpu().numpy().astype(np.int64).tobytes())
+    return {"weights_sha256": weights.hexdigest(), "images_sha256": data.hexdigest()}
+
+
+def read_records(out: str | Path) -> dict[int, dict[str, Any]]:
+    """The finished images of ``OUT/certificates.jsonl`` by index. A last line cut short by a
+    kill during the append (the file's own, never anything else) is cut off the file."""
+    path = Path(out) / RECORDS
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return {(r := json.loads(line))["index"]: r for line in data[:end].splitlines()}
+
+
+def _append(out: Path, records: list[dict[str, Any]]) -> None:
+    """One write per round, flushed and fsync'd: a kill loses at most the round in flight."""
+    with open(out / RECORDS, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _claim(out: Path, run: dict[str, Any]) -> str | None:
+    """Write ``OUT/run.json``, or check it against this run; the error message, or None."""
+    path = out / RUN
+    if path.is_file():
+        had = json.loads(path.read_text())
+        diff = sorted(k for k in set(had) | set(run) if had.get(k) != run.get(k))
+        if diff:
+            return (
+                f"out={str(out)!r} holds certificates of another run (it differs in {', '.join(diff)}); "
+                "use another --out, or the same settings to resume it"
+            )
+        return None
+    if (out / RECORDS).exists():
+        return f"out={str(out)!r} holds {RECORDS} but no {RUN}: not a folder this program wrote"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return None
+
+
+def certify_dataset(
+    pipeline: RRCMPipeline | DDSPipeline,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sigma: float,
+    out: str | Path,
+    *,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Certify ``images`` (N, C, H, W) in [0, 1] across the processes of the running job.
+
+    Every rank calls it with the same arguments; the pipeline sits on the rank's device.
+    Returns, on every rank, one record per image in index order: ``index``, ``label``,
+    ``prediction`` (-1: abstain), ``radius``, ``p_lower``, ``count`` and ``seconds``.
+    Finished images in ``out`` are kept, never recomputed (see the module docstring).
+    """
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(
+            f"images must be (N, C, H, W) with labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    rank, world, out = get_rank(), get_world_size(), Path(out)
+    run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
+    run.update(_fingerprint(pipeline, images, labels))
+    # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
+    verdict = None
+    if rank == 0:
+        error = _claim(out, run)
+        verdict = (error, {} if error else read_records(out))  # never read (or cut) a file not ours
+    error, done = broadcast_object(verdict)
+    if error:
+        raise ValueError(error)
+    todo = [i for i in range(images.shape[0]) if i not in done]
+    mine = todo[rank::world]
+    classifier = base_classifier(pipeline, sigma)
+    bar = tqdm(total=images.shape[0], initial=len(done), disable=rank != 0 or not progress, unit="img")
+    # 2. rounds: each rank certifies at most one image, then the round's records meet on rank 0
+    for k in range(math.ceil(len(todo) / world)):
+        record = None
+        if k < len(mine):
+            i, start = mine[k], time.perf_counter()
+            res = certify(
+                classifier, pipeline._prepare(images[i : i + 1]), sigma, n0, n, alpha, batch_size,
+                image_generator(seed, i),
+            )  # fmt: skip
+            record = {
+                "index": i,
+                "label": int(labels[i]),
+                "prediction": int(res.predictions[0]),
+                "radius": float(res.radii[0]),
+                "p_lower": float(res.p_lower[0]),
+                "count": int(res.counts[0]),
+                "seconds": time.perf_counter() - start,
+            }
+        finished = [r for r in gather_object(record) if r is not None]
+        if rank == 0:
+            _append(out, finished)
+            bar.update(len(finished))
+        done.update({r["index"]: r for r in finished})
+    bar.close()
+    return [done[i] for i in range(images.shape[0])]
+
+
+def report_row(
+    records: list[dict[str, Any]], method: str, sigma: float, n0: int, n: int, alpha: float
+) -> dict:
+    """The report's row for one method and σ, from the per-image records."""
+    result = CertifyResult(
+        predictions=torch.tensor([r["prediction"] for r in records], dtype=torch.long),
+        radii=torch.tensor([r["radius"] for r in records], dtype=torch.float64),
+        p_lower=torch.tensor([r["p_lower"] for r in records], dtype=torch.float64),
+        counts=torch.tensor([r["count"] for r in records], dtype=torch.long),
+    )
+    labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
+    seconds = sum(r["seconds"] for r in records)  # compute time, summed over processes
+    return summary_row(method, sigma, result, labels, n0, n, alpha, seconds)
+
+
+def _device_name(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else str(device)  # accelerate says cpu:0 under DDP
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
+    from .data import load_dataset, strided_class_subset
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", required=True, help="a saved RRCMPipeline or DDSPipeline folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--per-class", type=int, default=None, help="class-balanced subset of the test split")
+    parser.add_argument("--num-images", type=int, default=None, help="the first K test images")
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--name", default=None, help="the method's name in the report (default: the folder's)"
+    )
+    args = parser.parse_args(argv)
+
+    state = Accelerator()  # the process group accelerate launch set up (or one process)
+    images, labels = load_dataset(args.dataset, "test", args.data_dir)
+    if args.per_class:
+        keep = strided_class_subset(labels, args.per_class)
+        images, labels = images[keep], labels[keep]
+    if args.num_images:
+        images, labels = images[: args.num_images], labels[: args.num_images]
+    pipeline = load_pipeline(args.pipeline).to(state.device)
+    pipeline.set_progress_bar_config(disable=True)  # the bar is per image, on rank 0
+    start = time.perf_counter()
+    records = certify_dataset(
+        pipeline, images.float() / 255, labels, args.sigma, args.out,
+        n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    if state.is_main_process:
+        name = args.name or Path(args.pipeline).name
+        row = report_row(records, name, args.sigma, args.n0, args.n, args.alpha)
+        devices = sorted(set(gather_object(_device_name(state.device))))
+        row.update(processes=state.num_processes, devices=", ".join(devices), wall_s=round(wall, 1))
+        notes = (
+            f"{len(records)} {args.dataset} test images; {state.num_processes} processes on {row['devices']}; "
+            f"n0 = {args.n0}, n = {args.n}, α = {args.alpha}; wall time of this invocation {wall:.1f} s "
+            f"(with n = {args.n} no radius exceeds σ·Φ⁻¹(α^(1/n)) = {args.sigma * norm.ppf(args.alpha ** (1 / args.n)):.3f})"
+        )
+        write_report([row], Path(args.out) / "report", f"{name}: certified accuracy", notes)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("r=")}))
+    else:
+        gather_object(_device_name(state.device))
+
+
+if __name__ == "__main__":
+    main()
