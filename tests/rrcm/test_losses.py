@@ -176,3 +176,60 @@ def test_finetuning_loss_rejects_bad_sigma_and_labels():
     model = tiny_model(num_classes=4, projection_dim=0)
     with pytest.raises(ValueError, match="labels must have shape"):
         RRCMFinetuningLoss(0.25)(model, torch.zeros(2, 1, 28, 28), torch.zeros(3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ choices checked against the authors' code
+
+
+def test_authors_ema_schedule_is_their_concave_curve():
+    import numpy as np
+
+    def authors(step, total, start=0.99, end=0.9999, a=15):  # their create_ema_and_scales_fn, "sigmoid"
+        ema = np.sqrt((step / total) * (end**2 - start**2) + start**2)
+        c = 2 / (1 + np.exp(-a * ((ema - start) / (end - start)))) - 1
+        return c * end + (1 - c) * start
+
+    rates = [ema_rate(k, 1000, steepness=15, schedule="authors") for k in range(1001)]
+    assert rates == pytest.approx([authors(k, 1000) for k in range(1001)], rel=0, abs=1e-12)
+    assert rates[0] == pytest.approx(0.99) and rates[-1] == pytest.approx(0.9999, abs=1e-8)
+    assert rates[500] == pytest.approx(0.999889, abs=1e-6)  # horizon 1/(1 - rate) ~ 9,000 steps
+    assert ema_rate(500, 1000) == pytest.approx(0.99495, abs=1e-5)  # the default S-curve: ~198 steps
+    steps = np.diff(rates)
+    assert (steps[1:] <= steps[:-1] + 1e-15).all()  # concave: it rises fastest at the start
+    with pytest.raises(ValueError, match="schedule must be 'sigmoid' or 'authors'"):
+        ema_rate(1, 10, schedule="cosine")
+
+
+def test_one_directional_instance_term_is_the_authors_a_to_b():
+    online, (x, a, b, eps) = tiny_model(), _batch()
+    target = copy.deepcopy(online)
+    one = RRCMPretrainingLoss(consistency_weight=0.0, symmetric=False)(
+        online, target, x, a, b, 3, 21, noise=eps
+    )
+    both = RRCMPretrainingLoss(consistency_weight=0.0)(online, target, x, a, b, 3, 21, noise=eps)
+    with torch.no_grad():
+        qa, qb = (online(v + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection for v in (a, b))
+        ka, kb = (target(v + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection for v in (a, b))
+    torch.testing.assert_close(one["instance"], _nce(qa, kb))
+    torch.testing.assert_close(both["instance"], _nce(qa, kb) + _nce(qb, ka))
+
+
+def test_time_token_is_the_sinusoidal_embedding_unless_asked_for_the_mlp():
+    from diffusers.models.embeddings import Timesteps
+
+    from rrcm_diffusers.trajectory import c_noise
+
+    plain = tiny_model()
+    assert isinstance(plain.backbone.time_embed, torch.nn.Identity)
+    assert not any("time_embed" in name for name, _ in plain.named_parameters())
+    seen = {}
+    plain.backbone.time_embed.register_forward_hook(lambda mod, inp, out: seen.setdefault("token", out))
+    plain(torch.zeros(2, 1, 28, 28), 0.5)
+    want = Timesteps(32, flip_sin_to_cos=True, downscale_freq_shift=0)(c_noise(torch.full((2,), 0.5)))
+    torch.testing.assert_close(seen["token"], want)
+    with torch.no_grad():  # the noise level still conditions the model
+        assert not torch.allclose(
+            plain(torch.zeros(2, 1, 28, 28), 0.5).features, plain(torch.zeros(2, 1, 28, 28), 2.0).features
+        )
+    mlp = tiny_model(backbone_kwargs={"time_mlp": True})
+    assert any("time_embed" in name for name, _ in mlp.named_parameters())

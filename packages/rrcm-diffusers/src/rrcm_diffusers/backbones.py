@@ -12,8 +12,9 @@ from .hooks import hookimpl
 class ViTBackbone(nn.Module):
     """Noise-conditioned ViT; returns LN(CLS) of shape (B, hidden_size).
 
-    The time token is the sinusoidal embedding of c_noise, passed through a small MLP
-    (diffusers' ``Timesteps`` + ``TimestepEmbedding``).
+    The time token is the sinusoidal embedding of c_noise (diffusers' ``Timesteps``), as in the
+    spec and the authors' code (``mlp_time_embed=False`` there); ``time_mlp=True`` passes it
+    through diffusers' ``TimestepEmbedding`` MLP first (the authors' option, off in their configs).
     """
 
     def __init__(
@@ -25,6 +26,7 @@ class ViTBackbone(nn.Module):
         depth: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        time_mlp: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -36,7 +38,7 @@ class ViTBackbone(nn.Module):
         num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.time_proj = Timesteps(hidden_size, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embed = TimestepEmbedding(hidden_size, hidden_size)
+        self.time_embed = TimestepEmbedding(hidden_size, hidden_size) if time_mlp else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 2, hidden_size))
         self.blocks = nn.ModuleList(

@@ -46,9 +46,11 @@ class PretrainConfig:
     grad_clip: float = 3.0  # applied after warmup
     ema_start: float = 0.99
     ema_end: float = 0.9999
+    ema_schedule: str = "sigmoid"  # or "authors" (their code's concave schedule; see ema_rate)
     tau: float = 0.2
     instance_weight: float = 1.0
     consistency_weight: float = 1.0
+    symmetric_instance: bool = True  # False: a→b only, as the authors' code
     icm_s0: int = 20
     icm_s1: int = 80
     augment: str = "grey"  # "grey" for digits, "rgb" for colour images
@@ -288,7 +290,9 @@ def pretrain(
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     target.to(accelerator.device)
-    loss_fn = RRCMPretrainingLoss(config.tau, config.instance_weight, config.consistency_weight)
+    loss_fn = RRCMPretrainingLoss(
+        config.tau, config.instance_weight, config.consistency_weight, config.symmetric_instance
+    )
     # noise and augmentations differ per rank (different images), the grid index does not
     gen = torch.Generator(device=accelerator.device).manual_seed(
         config.seed * 1000 + accelerator.process_index
@@ -332,7 +336,7 @@ def pretrain(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # 4. EMA target
-        rate = ema_rate(step, config.steps, config.ema_start, config.ema_end)
+        rate = ema_rate(step, config.steps, config.ema_start, config.ema_end, schedule=config.ema_schedule)
         if not skipped:
             update_ema(target, accelerator.unwrap_model(model), rate)
         record = {
