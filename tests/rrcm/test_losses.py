@@ -223,8 +223,9 @@ def test_time_token_is_the_sinusoidal_embedding_unless_asked_for_the_mlp():
     assert isinstance(plain.backbone.time_embed, torch.nn.Identity)
     assert not any("time_embed" in name for name, _ in plain.named_parameters())
     seen = {}
-    plain.backbone.time_embed.register_forward_hook(lambda mod, inp, out: seen.setdefault("token", out))
+    hook = plain.backbone.time_embed.register_forward_hook(lambda mod, inp, out: seen.update(token=out))
     plain(torch.zeros(2, 1, 28, 28), 0.5)
+    hook.remove()
     want = Timesteps(32, flip_sin_to_cos=True, downscale_freq_shift=0)(c_noise(torch.full((2,), 0.5)))
     torch.testing.assert_close(seen["token"], want)
     with torch.no_grad():  # the noise level still conditions the model
