@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from shared_dist import broadcast_object, gather_object, get_rank, get_world_size
 
+from ._atomic import write_text_atomic
 from .certification import CertifyResult, certify
 from .pipeline_dds import DDSPipeline
 from .pipeline_rrcm import RRCMPipeline
@@ -125,9 +126,7 @@ def _claim(out: Path, run: dict[str, Any]) -> str | None:
     if (out / RECORDS).exists():
         return f"out={str(out)!r} holds {RECORDS} but no {RUN}: not a folder this program wrote"
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(run, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(run, indent=2, sort_keys=True))
     return None
 
 

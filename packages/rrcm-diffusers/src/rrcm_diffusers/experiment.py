@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from accelerate import Accelerator
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
+from ._atomic import write_text_atomic
 from .data import load_dataset, strided_class_subset
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
@@ -95,9 +95,7 @@ def _claim(record: Path, key: dict[str, Any], has_results: bool, main: bool) -> 
         )
     elif main:
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(want, indent=2, sort_keys=True))
-        os.replace(tmp, record)
+        write_text_atomic(record, json.dumps(want, indent=2, sort_keys=True))
 
 
 def _has_files(folder: Path) -> bool:

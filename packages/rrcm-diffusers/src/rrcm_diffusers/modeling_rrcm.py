@@ -18,6 +18,7 @@ from torch import nn
 
 import shared_dist
 
+from ._atomic import write_text_atomic
 from .hooks import build_backbone
 from .trajectory import CERTIFY_NUM_SCALES, c_in, c_noise
 
@@ -159,9 +160,7 @@ class RRCMModel(ModelMixin, ConfigMixin):
         if kwargs.get("is_main_process", True):
             folder = Path(save_directory)
             sums = {f.name: _sha256(f) for f in sorted(folder.glob("*.safetensors"))}
-            tmp = folder / (CHECKSUMS + ".tmp")
-            tmp.write_text(json.dumps(sums, indent=2) + "\n")
-            os.replace(tmp, folder / CHECKSUMS)  # atomic: never a half-written checksum file
+            write_text_atomic(folder / CHECKSUMS, json.dumps(sums, indent=2) + "\n")  # never half written
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> RRCMModel:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import shared_dist
 
+from ._atomic import write_text_atomic
 from .augment import light_view, strong_view
 from .data import to_model_space
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
@@ -172,9 +173,7 @@ def _trim_log(out: Path, step: int) -> None:
     log = out / "log.jsonl"
     if log.is_file():
         keep = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        tmp = log.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, log)
+        write_text_atomic(log, "".join(line + "\n" for line in keep))
 
 
 class EpochShuffle(Sampler[int]):
