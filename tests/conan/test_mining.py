@@ -133,7 +133,7 @@ def test_faiss_and_torch_return_the_same_top_k():
 def test_search_backend_plugin_by_entry_point(tmp_path, monkeypatch):
     (tmp_path / "fake_search_plugin.py").write_text(
         textwrap.dedent("""
-        from conan_st.hooks import hookimpl
+        from conan_st.hookspecs import hookimpl
         from conan_st.builtin_plugins import TorchSearch
 
         class Reversed(TorchSearch):
@@ -151,17 +151,17 @@ def test_search_backend_plugin_by_entry_point(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "0")
     try:
-        conan_hooks.get_plugin_manager(reload=True)
+        conan_hooks.get_plugin_manager.cache_clear()
         assert {"torch", "faiss", "reversed"} <= set(conan_hooks.search_backends())
         assert conan_hooks.get_search_backend("reversed").name == "reversed"
         monkeypatch.setenv("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "1")
-        conan_hooks.get_plugin_manager(reload=True)
+        conan_hooks.get_plugin_manager.cache_clear()
         assert "reversed" not in conan_hooks.search_backends()
         with pytest.raises(ValueError, match=r"search backend must be one of \['faiss', 'torch'\]"):
             conan_hooks.get_search_backend("reversed")
     finally:
         sys.modules.pop("fake_search_plugin", None)
-        conan_hooks.get_plugin_manager(reload=True)
+        conan_hooks.get_plugin_manager.cache_clear()
 
 
 # ------------------------------------------------------------------ bad input

@@ -62,7 +62,7 @@ def test_backbone_plugin_by_entry_point(tmp_path, monkeypatch):
     pkg.write_text(
         textwrap.dedent("""
         import torch
-        from rrcm_diffusers.hooks import hookimpl
+        from rrcm_diffusers.hookspecs import hookimpl
 
         class Tiny(torch.nn.Module):
             def __init__(self, image_size, in_channels, width=8):
@@ -84,7 +84,7 @@ def test_backbone_plugin_by_entry_point(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("RRCM_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     try:
-        hooks.get_plugin_manager(reload=True)
+        hooks.get_plugin_manager.cache_clear()
         assert {"vit", "tiny-mlp"} <= set(hooks.available_backbones())
         model = RRCMModel(
             backbone_type="tiny-mlp", backbone_kwargs={"width": 8}, projection_dim=0, num_classes=3
@@ -92,8 +92,8 @@ def test_backbone_plugin_by_entry_point(tmp_path, monkeypatch):
         assert model(torch.randn(2, 1, 28, 28), 0.5).logits.shape == (2, 3)
 
         monkeypatch.setenv("RRCM_DISABLE_PLUGIN_AUTOLOAD", "1")
-        hooks.get_plugin_manager(reload=True)
+        hooks.get_plugin_manager.cache_clear()
         assert set(hooks.available_backbones()) == {"vit"}
     finally:
         sys.modules.pop("fake_backbone_plugin", None)
-        hooks.get_plugin_manager(reload=True)
+        hooks.get_plugin_manager.cache_clear()

@@ -7,7 +7,7 @@ import importlib.util
 import torch
 from sentence_transformers.util import dot_score, semantic_search
 
-from .hooks import hookimpl
+from .hookspecs import hookimpl
 
 
 class TorchSearch:

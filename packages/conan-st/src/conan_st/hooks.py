@@ -12,49 +12,41 @@ Two extension points:
   positive's score).
 
 A package registers its own by exposing a module with ``@hookimpl`` functions under the
-entry-point group ``conan_st.plugins``. ``CONAN_ST_DISABLE_PLUGIN_AUTOLOAD=1`` loads only
-the built-ins (the same switch pytest has for its plugins).
+entry-point group ``conan_st.plugins`` (``from conan_st.hookspecs import hookimpl``).
+``CONAN_ST_DISABLE_PLUGIN_AUTOLOAD=1`` loads only the built-ins (the same switch pytest has for
+its plugins).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 import pluggy
 
-PROJECT = "conan_st"
+from . import builtin_plugins, hookspecs
+from .hookspecs import PROJECT, hookimpl  # noqa: F401 - hookimpl: the import plugins of 0.1.0 use
+
 ENTRY_POINT_GROUP = "conan_st.plugins"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-class ConanSpec:
-    @hookspec
-    def conan_search_backends(self) -> dict[str, Callable[[], Any]]:
-        """Return ``{name: factory}`` of nearest-neighbour search backends."""
-
-    @hookspec
-    def conan_negative_filters(self) -> dict[str, Callable[..., Any]]:
-        """Return ``{name: factory}`` of hard-negative filters."""
-
-
-_manager: pluggy.PluginManager | None = None
+def build_plugin_manager() -> pluggy.PluginManager:
+    """A new manager: the hook specs, the built-ins, and (unless
+    ``CONAN_ST_DISABLE_PLUGIN_AUTOLOAD=1``) every plugin of the entry-point group."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(builtin_plugins, name="builtin")  # same name as its entry point
+    if os.environ.get("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes"):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    return pm
 
 
-def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
-    global _manager
-    if _manager is None or reload:
-        from . import builtin_plugins
-
-        pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(ConanSpec)
-        pm.register(builtin_plugins, name="builtin")  # same name as its entry point
-        if os.environ.get("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes"):
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        _manager = pm
-    return _manager
+@functools.cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process's manager, built on first use (``get_plugin_manager.cache_clear()`` rebuilds it)."""
+    return build_plugin_manager()
 
 
 def _collect(results: list[dict[str, Any]], what: str) -> dict[str, Any]:

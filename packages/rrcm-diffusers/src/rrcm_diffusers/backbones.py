@@ -6,7 +6,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from .hooks import hookimpl
+from .hookspecs import hookimpl
 
 
 class ViTBackbone(nn.Module):

@@ -4,7 +4,7 @@ A package registers backbones by exposing a module with a ``hookimpl`` in the
 ``rrcm_diffusers.backbones`` entry-point group::
 
     # my_pkg/rrcm_plugin.py
-    from rrcm_diffusers.hooks import hookimpl
+    from rrcm_diffusers.hookspecs import hookimpl
 
     @hookimpl
     def rrcm_register_backbones():
@@ -23,39 +23,34 @@ The built-in ViT is registered the same way (entry point ``vit``). Set
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
 import pluggy
 from torch import nn
 
-PROJECT = "rrcm_diffusers"
+from . import backbones, hookspecs
+from .hookspecs import PROJECT, hookimpl  # noqa: F401 - hookimpl: the import plugins of 0.1.0 use
+
 ENTRY_POINT_GROUP = "rrcm_diffusers.backbones"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-class BackboneSpec:
-    @hookspec
-    def rrcm_register_backbones(self) -> dict[str, Callable[..., nn.Module]]:
-        """Return ``{name: factory}`` of backbones this plugin provides."""
+def build_plugin_manager() -> pluggy.PluginManager:
+    """A new manager: the hook specs, the built-in ViT, and (unless
+    ``RRCM_DISABLE_PLUGIN_AUTOLOAD=1``) every plugin of the entry-point group."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(backbones, name="vit")  # same name as its entry point: loaded once
+    if os.environ.get("RRCM_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes"):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    return pm
 
 
-_manager: pluggy.PluginManager | None = None
-
-
-def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
-    global _manager
-    if _manager is None or reload:
-        from . import backbones
-
-        pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(BackboneSpec)
-        pm.register(backbones, name="vit")  # same name as its entry point: loaded once
-        if os.environ.get("RRCM_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes"):
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        _manager = pm
-    return _manager
+@functools.cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process's manager, built on first use (``get_plugin_manager.cache_clear()`` rebuilds it)."""
+    return build_plugin_manager()
 
 
 def available_backbones() -> dict[str, Callable[..., nn.Module]]:
