@@ -87,7 +87,7 @@ def main() -> None:
                 clf(xs[b], level).logits.argmax(-1)
         return (time.perf_counter() - t0) / samples
 
-    f_rrcm, f_dds = flops(rrcm.classifier(sigma)), flops(dds.base_classifier(sigma))
+    f_rrcm, f_dds = flops(rrcm.base_classifier(sigma)), flops(dds.base_classifier(sigma))
     for pipe in (rrcm, dds):
         pipe.certify(images[:1], sigma, n0=10, n=args.batch, batch_size=args.batch)  # warm-up
     bare_time()

@@ -116,12 +116,16 @@ def test_pipeline_classifier_maps_to_model_space_without_touching_its_input():
     x = torch.rand(5, 1, 28, 28)  # (B, C, H, W) noisy images in [0, 1]
     before = x.clone()
     with torch.inference_mode():  # the same (fast) path as the reference below
-        logits = pipe.classifier(0.5)(x)  # (B, K)
+        logits = pipe.base_classifier(0.5)(x)  # (B, K)
     assert torch.equal(x, before)  # the fast path may not write into the caller's tensor
     level = grid_sigma_for_sigma(0.5, pipe.scheduler.config.num_train_timesteps)
     with torch.inference_mode():
         expected = pipe.model.eval()(2 * before - 1, level).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    with pytest.warns(FutureWarning, match="base_classifier"):  # the 0.1.0 name still works
+        old_name = pipe.classifier(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(old_name(x), expected, rtol=0, atol=0)
 
 
 def test_pipeline_save_load_gives_identical_certificates(tmp_path):

@@ -70,12 +70,6 @@ def load_pipeline(path: str | Path) -> RRCMPipeline | DDSPipeline:
     return PIPELINES[name].from_pretrained(str(path))
 
 
-def base_classifier(pipeline: RRCMPipeline | DDSPipeline, sigma: float):
-    if isinstance(pipeline, DDSPipeline):
-        return pipeline.base_classifier(sigma)
-    return pipeline.classifier(sigma)
-
-
 def _fingerprint(pipeline: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, str]:
     """SHA-256 of every weight of the pipeline's modules, and of the images and labels."""
     weights = hashlib.sha256()
@@ -168,7 +162,7 @@ def certify_dataset(
         raise ValueError(error)
     todo = [i for i in range(images.shape[0]) if i not in done]
     mine = todo[rank::world]
-    classifier = base_classifier(pipeline, sigma)
+    classifier = pipeline.base_classifier(sigma)
     bar = tqdm(total=images.shape[0], initial=len(done), disable=rank != 0 or not progress, unit="img")
     # 2. rounds: each rank certifies at most one image, then the round's records meet on rank 0
     for k in range(math.ceil(len(todo) / world)):

@@ -269,7 +269,7 @@ def run(
         sub = strided_class_subset(y_test, cc["per_class"])
         images, labels = x_test[sub].float() / 255.0, y_test[sub]
         table = {
-            name: (lambda s, paths=paths: _pipeline(paths[s]).classifier(s))
+            name: (lambda s, paths=paths: _pipeline(paths[s]).base_classifier(s))
             for name, paths in methods.items()
         }
         if cfg["dds"]["enabled"]:

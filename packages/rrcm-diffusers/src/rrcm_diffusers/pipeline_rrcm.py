@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -94,8 +95,9 @@ class RRCMPipeline(DiffusionPipeline):
             )
         self.register_modules(model=model, scheduler=scheduler)
 
-    def classifier(self, sigma: float):
-        """The base classifier f(x) for noisy images x in [0, 1] pixel space → logits (B, K)."""
+    def base_classifier(self, sigma: float):
+        """The base classifier f(x) for noisy images x in [0, 1] pixel space → logits (B, K);
+        the same name and contract as `DDSPipeline.base_classifier`."""
         if self.model.classifier is None:
             raise ValueError("the pipeline's model has no classifier head; fine-tune it first")
         level = grid_sigma_for_sigma(sigma, self.scheduler.config.num_train_timesteps)
@@ -105,6 +107,15 @@ class RRCMPipeline(DiffusionPipeline):
             return model(x.mul(2.0).sub_(1.0), level).logits  # (B, K); one temporary, x is left intact
 
         return f
+
+    def classifier(self, sigma: float):
+        """Deprecated name of `base_classifier` (0.1.0)."""
+        warnings.warn(
+            "RRCMPipeline.classifier(sigma) is deprecated; use base_classifier(sigma), as on DDSPipeline",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.base_classifier(sigma)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):
@@ -143,7 +154,7 @@ class RRCMPipeline(DiffusionPipeline):
         """
         x = self._prepare(images)
         out = predict(
-            self.classifier(sigma),
+            self.base_classifier(sigma),
             x,
             sigma,
             num_samples,
@@ -183,7 +194,7 @@ class RRCMPipeline(DiffusionPipeline):
         """
         x = self._prepare(images)
         out = certify(
-            self.classifier(sigma),
+            self.base_classifier(sigma),
             x,
             sigma,
             n0,
