@@ -308,3 +308,47 @@ def test_dds_names_an_image_shape_its_unet_cannot_take(shape, entry):
             pipe.certify(torch.rand(*shape), sigma=0.5, n0=10, n=20)
         else:
             pipe(torch.rand(*shape), sigma=0.5, num_samples=20)
+
+
+# ------------------------------------------------------------------ experiment config keys
+
+CONFIG_CASES = {
+    "misspelt certify key": (
+        dict(certify={"nn": 10_000}),
+        r"unknown key 'nn' in section 'certify'.*did you mean 'n'",
+    ),
+    "misspelt top-level key": (
+        dict(sigmaz=[0.5]),
+        r"unknown key 'sigmaz' in the top level.*did you mean 'sigmas'",
+    ),
+    "misspelt pretrain key": (dict(pretrain={"stepz": 3}), r"unknown key 'stepz' in section 'pretrain'"),
+    "misspelt model key": (dict(model={"hiden_size": 3}), r"unknown key 'hiden_size' in section 'model'"),
+    "misspelt cohen key": (dict(cohen={"enable": False}), r"unknown key 'enable' in section 'cohen'"),
+    "misspelt probe key": (dict(probe={"test_image": 5}), r"unknown key 'test_image' in section 'probe'"),
+    "misspelt dds key": (dict(dds={"unet_step": 5}), r"unknown key 'unet_step' in section 'dds'"),
+    "finetune sigma (set by sigmas)": (
+        dict(finetune={"sigma": 0.25}),
+        r"unknown key 'sigma' in section 'finetune'",
+    ),
+    "section not a mapping": (dict(cohen=3), r"config section 'cohen' must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_experiment_config_refuses_keys_no_stage_reads(case):
+    from rrcm_diffusers.experiment import load_config
+
+    overrides, match = CONFIG_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        load_config(None, **overrides)
+
+
+def test_experiment_config_names_the_file(tmp_path):
+    from rrcm_diffusers.experiment import load_config
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("certify: {per_class: 5, n: 100, alhpa: 0.01}\n")
+    with pytest.raises(
+        ValueError, match=rf"unknown key 'alhpa' in section 'certify' of {cfg}.*did you mean 'alpha'"
+    ):
+        load_config(cfg)

@@ -9,6 +9,8 @@ the project's main job; run it directly with
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import json
 import time
 from dataclasses import fields
@@ -52,7 +54,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
-    """DEFAULTS, updated (one level deep) by a YAML file and then by ``overrides``."""
+    """DEFAULTS, updated (one level deep) by a YAML file and then by ``overrides``.
+
+    A key no stage reads is an error that names it (and the nearest known key): a misspelt
+    ``certify: {n0: ..., nn: 10000}`` would otherwise run silently with the default n."""
     cfg = json.loads(json.dumps(DEFAULTS))
     for extra in ([yaml.safe_load(Path(path).read_text())] if path else []) + [overrides]:
         for k, v in (extra or {}).items():
@@ -60,7 +65,27 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict[str, A
                 cfg[k].update(v)
             else:
                 cfg[k] = v
+    _check_keys("the top level", set(cfg), set(DEFAULTS), path)
+    allowed = {
+        "model": set(inspect.signature(RRCMModel.__init__).parameters) - {"self"},
+        "pretrain": {f.name for f in fields(PretrainConfig)},
+        "finetune": {f.name for f in fields(FinetuneConfig)} - {"sigma"},
+    }
+    for section, default in DEFAULTS.items():
+        if isinstance(default, dict):
+            if not isinstance(cfg[section], dict):
+                raise ValueError(f"config section {section!r} must be a mapping, got {cfg[section]!r}")
+            _check_keys(f"section {section!r}", set(cfg[section]), allowed.get(section, set(default)), path)
     return cfg
+
+
+def _check_keys(where: str, given: set[str], known: set[str], path: str | Path | None) -> None:
+    for key in sorted(given - known):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(
+            f"unknown key {key!r} in {where} of {path or 'the overrides'}{hint}; known keys: {sorted(known)}"
+        )
 
 
 def _dataclass(cls, values: dict[str, Any], **extra: Any):
