@@ -27,7 +27,7 @@ from .data import load_dataset, strided_class_subset
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
 from .pipeline_rrcm import RRCMPipeline, write_model_card
-from .report import certify_methods, markdown_table, write_report
+from .report import certify_methods, markdown_table, uncertainty_tables, write_report
 from .training import FinetuneConfig, PretrainConfig, finetune, linear_probe_accuracy, pretrain
 from .trajectory import CERTIFY_NUM_SCALES, grid_scheduler
 
@@ -337,7 +337,7 @@ def run(
                 )
         summary["certified"] = rows
         summary["report"] = {k: str(v) for k, v in paths.items()}
-        summary["table_md"] = markdown_table(rows)
+        summary["table_md"] = markdown_table(rows) + uncertainty_tables(rows)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

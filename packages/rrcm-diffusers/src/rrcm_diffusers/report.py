@@ -1,4 +1,10 @@
-"""Certified-accuracy reports: many methods, one harness, Markdown + CSV + JSON + a plot."""
+"""Certified-accuracy reports: many methods, one harness, Markdown + CSV + JSON + a plot.
+
+Uncertainty, because a test set of a few hundred images is a sample: every row carries 95 %
+Clopper–Pearson intervals on certified accuracy at each radius and a 95 % bootstrap interval on
+ACR; :func:`paired_tests` compares a reference method with each other one on the SAME images with
+an exact McNemar test (a two-sided binomial test on the discordant images).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy.stats import binomtest, bootstrap
 
 from .certification import CertifyResult, average_certified_radius, certified_accuracy, certify
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+TESTED_RADII = [0.0, 0.5, 1.0]  # where the intervals and paired tests are tabulated
 
 # method name -> (sigma -> base classifier over [0, 1] images)
 Methods = dict[str, Callable[[float], Callable[[torch.Tensor], torch.Tensor]]]
@@ -56,6 +65,10 @@ def summary_row(
 ) -> dict[str, Any]:
     """One report row: certified accuracy at every radius of ``RADII``, ACR, abstention, cost."""
     acc = certified_accuracy(result, labels, RADII)
+    correct = result.predictions == labels.cpu()
+    # per image: the certified radius when correct, -1 when wrong or abstaining (for paired tests)
+    per_image = torch.where(correct, result.radii, torch.full_like(result.radii, -1.0)).tolist()
+    k = [int(((result.radii >= r) & correct).sum()) for r in RADII]
     return {
         "method": method,
         "sigma": sigma,
@@ -68,7 +81,64 @@ def summary_row(
         "abstain": float((result.predictions < 0).float().mean()),
         "seconds": seconds,
         "ms_per_noise_sample": 1000 * seconds / max(labels.numel() * (n0 + n), 1),
+        "ci95": {f"r={r:g}": _clopper_pearson(ki, labels.numel()) for r, ki in zip(RADII, k)},
+        "acr_ci95": _bootstrap_mean([max(v, 0.0) for v in per_image]),
+        "certified_radius": per_image,
     }
+
+
+def _clopper_pearson(k: int, n: int) -> list[float]:
+    """Exact two-sided 95 % interval on a proportion k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    ci = binomtest(k, n).proportion_ci(0.95, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def _bootstrap_mean(values: list[float], seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval on the mean (ACR), 2,000 resamples, seeded."""
+    if len(set(values)) <= 1:
+        return [float(values[0]), float(values[0])] if values else [0.0, 0.0]
+    res = bootstrap((np.asarray(values),), np.mean, n_resamples=2000, method="percentile", random_state=seed)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def paired_tests(
+    rows: list[dict[str, Any]], reference: str = "rRCM", radii: list[float] = TESTED_RADII
+) -> list[dict[str, Any]]:
+    """Exact McNemar tests of ``reference`` against every other method at each σ and radius.
+
+    Both methods must have certified the same images (same count, same labels order, which the
+    harness guarantees). ``b``: images certified correct at r by the reference only, ``c``: by
+    the other only; p = two-sided binomial test of b against Bin(b + c, 1/2) (1 when b + c = 0).
+    """
+    out = []
+    refs = {r["sigma"]: r for r in rows if r["method"] == reference and "certified_radius" in r}
+    for row in rows:
+        ref = refs.get(row["sigma"])
+        if ref is None or row["method"] == reference or "certified_radius" not in row:
+            continue
+        a, o = np.asarray(ref["certified_radius"]), np.asarray(row["certified_radius"])
+        if a.shape != o.shape:
+            raise ValueError(
+                f"{reference} and {row['method']} at σ={row['sigma']} certified different image counts"
+            )
+        for r in radii:
+            b, c = int(((a >= r) & ~(o >= r)).sum()), int((~(a >= r) & (o >= r)).sum())
+            out.append(
+                {
+                    "sigma": row["sigma"],
+                    "reference": reference,
+                    "baseline": row["method"],
+                    "r": r,
+                    "reference_acc": float((a >= r).mean()),
+                    "baseline_acc": float((o >= r).mean()),
+                    "only_reference": b,
+                    "only_baseline": c,
+                    "p_value": float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0,
+                }
+            )
+    return out
 
 
 def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes: str = "") -> dict[str, Path]:
@@ -90,11 +160,12 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
         }.items()
     }
     paths["json"].write_text(json.dumps(rows, indent=2))
+    scalar = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]  # per-image data: JSON only
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    paths["md"].write_text(markdown_table(rows, title, notes))
+    paths["md"].write_text(markdown_table(rows, title, notes) + uncertainty_tables(rows))
 
     fig, axes = plt.subplots(
         1,
@@ -104,7 +175,14 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
     )
     for ax, sigma in zip(axes[0], sorted({r["sigma"] for r in rows})):
         for r in [r for r in rows if r["sigma"] == sigma]:
-            ax.plot(RADII, [100 * r[f"r={x:g}"] for x in RADII], marker="o", ms=3, label=r["method"])
+            (line,) = ax.plot(
+                RADII, [100 * r[f"r={x:g}"] for x in RADII], marker="o", ms=3, label=r["method"]
+            )
+            if "ci95" in r:  # the 95 % Clopper–Pearson band
+                lo, hi = zip(*(r["ci95"][f"r={x:g}"] for x in RADII))
+                ax.fill_between(
+                    RADII, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(), alpha=0.15
+                )
         ax.set_title(f"σ = {sigma:g}")
         ax.set_xlabel("L2 radius")
         ax.set_ylabel("certified accuracy (%)")
@@ -128,4 +206,42 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: str = "")
             f"| {r['method']} | {r['sigma']:g} | {accs} | {r['acr']:.3f} | {100 * r['abstain']:.1f}% | "
             f"{r['ms_per_noise_sample']:.3f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def uncertainty_tables(rows: list[dict[str, Any]], reference: str = "rRCM") -> str:
+    """Markdown: 95 % intervals per row, and the paired tests against ``reference`` (if any)."""
+    rows = [r for r in rows if "ci95" in r]
+    if not rows:
+        return ""
+    cols = " | ".join(f"r={r:g}" for r in TESTED_RADII)
+    lines = [
+        "",
+        f"95 % intervals over images (Clopper–Pearson on certified accuracy, %; bootstrap on ACR), n = {rows[0]['images']} images:",
+        "",
+        f"| method | σ | {cols} | ACR |",
+        "|---" * (len(TESTED_RADII) + 3) + "|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["sigma"], r["method"])):
+        cis = " | ".join(
+            f"{100 * r[f'r={x:g}']:.1f} [{100 * r['ci95'][f'r={x:g}'][0]:.1f}, {100 * r['ci95'][f'r={x:g}'][1]:.1f}]"
+            for x in TESTED_RADII
+        )
+        lo, hi = r["acr_ci95"]
+        lines.append(f"| {r['method']} | {r['sigma']:g} | {cis} | {r['acr']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    tests = paired_tests(rows, reference)
+    if tests:
+        lines += [
+            "",
+            f"Paired exact McNemar tests, {reference} vs each baseline on the same images (b: certified "
+            f"correct at r by {reference} only, c: by the baseline only):",
+            "",
+            f"| σ | baseline | r | {reference} % | baseline % | b | c | p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for t in tests:
+            lines.append(
+                f"| {t['sigma']:g} | {t['baseline']} | {t['r']:g} | {100 * t['reference_acc']:.1f} | "
+                f"{100 * t['baseline_acc']:.1f} | {t['only_reference']} | {t['only_baseline']} | {t['p_value']:.3g} |"
+            )
     return "\n".join(lines) + "\n"

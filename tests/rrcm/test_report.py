@@ -1,0 +1,64 @@
+"""The report's uncertainty: Clopper–Pearson intervals, bootstrap ACR intervals and exact McNemar
+paired tests, each against an independent computation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from scipy.stats import beta
+
+from rrcm_diffusers.certification import CertifyResult
+from rrcm_diffusers.report import RADII, paired_tests, summary_row, write_report
+
+
+def _row(method: str, correct: list[bool], radii: list[float], sigma: float = 0.5) -> dict:
+    n = len(correct)
+    labels = torch.zeros(n, dtype=torch.long)
+    preds = torch.tensor([0 if c else 1 for c in correct])
+    res = CertifyResult(preds, torch.tensor(radii, dtype=torch.float64), torch.zeros(n), torch.zeros(n))
+    return summary_row(method, sigma, res, labels, 100, 1000, 0.001, 1.0)
+
+
+def test_clopper_pearson_matches_the_beta_quantiles():
+    g = torch.Generator().manual_seed(0)
+    correct = (torch.rand(50, generator=g) < 0.7).tolist()
+    radii = (torch.rand(50, generator=g) * 1.5).tolist()
+    row = _row("rRCM", correct, radii)
+    for r in RADII:
+        k = sum(c and rad >= r for c, rad in zip(correct, radii))
+        lo = beta.ppf(0.025, k, 50 - k + 1) if k > 0 else 0.0
+        hi = beta.ppf(0.975, k + 1, 50 - k) if k < 50 else 1.0
+        assert row["ci95"][f"r={r:g}"] == pytest.approx([lo, hi], abs=1e-9)
+        assert lo <= row[f"r={r:g}"] <= hi
+    lo, hi = row["acr_ci95"]
+    assert lo < row["acr"] < hi and lo >= 0 and hi <= max(radii)
+    assert row["acr_ci95"] == _row("rRCM", correct, radii)["acr_ci95"]  # seeded
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_discordant_images():
+    # 30 images: the reference alone certifies 9 at r=0.5, the baseline alone 2, both 10
+    ref = [True] * 19 + [False] * 11
+    base = [True] * 10 + [False] * 9 + [True] * 2 + [False] * 9
+    rows = [_row("rRCM", ref, [0.8] * 30), _row("Cohen", base, [0.8] * 30)]
+    (t,) = [t for t in paired_tests(rows) if t["r"] == 0.5]
+    assert (t["only_reference"], t["only_baseline"]) == (9, 2)
+    exact = min(1.0, 2 * sum(math.comb(11, i) for i in range(0, 3)) / 2**11)
+    assert t["p_value"] == pytest.approx(exact, rel=1e-12)
+    assert t["reference_acc"] == pytest.approx(19 / 30) and t["baseline_acc"] == pytest.approx(12 / 30)
+    with pytest.raises(ValueError, match="different image counts"):
+        paired_tests([rows[0], _row("Cohen", base[:20], [0.8] * 20)])
+
+
+def test_report_shows_intervals_and_paired_tests(tmp_path):
+    ref, base = [True] * 19 + [False] * 11, [True] * 12 + [False] * 18
+    rows = [_row("rRCM", ref, [0.8] * 30), _row("Cohen", base, [0.8] * 30)]
+    paths = write_report(rows, tmp_path, "t")
+    md = paths["md"].read_text()
+    assert "Clopper–Pearson" in md and "| 0.5 | Cohen | 0.5 | 63.3 | 40.0 | 7 | 0 |" in md
+    header = next(csv.reader(paths["csv"].read_text().splitlines()))
+    assert "certified_radius" not in header and "ci95" not in header  # per-image data: JSON only
+    assert json.loads(paths["json"].read_text())[0]["certified_radius"] == [0.8] * 19 + [-1.0] * 11
