@@ -140,6 +140,7 @@ def test_a_folder_of_another_run_is_refused(pipe_dir, tmp_path):
     assert (tmp_path / "other" / "certificates.jsonl").read_text() == "mine\n"  # untouched
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_cli_under_accelerate_launch_writes_the_report_of_one_process(pipe_dir, tmp_path, data_dir):

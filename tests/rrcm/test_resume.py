@@ -77,7 +77,9 @@ def _final(out):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kill_at,in_save", [(5, False), (7, False), (6, True)])
+@pytest.mark.parametrize(
+    "kill_at,in_save", [(5, False), pytest.param(7, False, marks=pytest.mark.slow), (6, True)]
+)
 def test_killed_pretraining_resumes_bit_exactly(kill_at, in_save, tmp_path, data_dir):
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
     assert _job(ref, 0, data_dir) == 0
