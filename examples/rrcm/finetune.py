@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from rrcm_diffusers import RRCMModel
 from rrcm_diffusers.data import load_dataset
-from rrcm_diffusers.experiment import _dataclass, load_config
+from rrcm_diffusers.experiment import load_config, section_config
 from rrcm_diffusers.training import FinetuneConfig, finetune, noisy_accuracy
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     accelerator.init_trackers("rrcm-finetune", config={k: v for k, v in vars(args).items() if v is not None})
     x, y = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
     model = RRCMModel.from_pretrained(args.pretrained).for_classification(int(y.max()) + 1)
-    fcfg = _dataclass(FinetuneConfig, cfg["finetune"], sigma=args.sigma, seed=cfg["seed"])
+    fcfg = section_config(FinetuneConfig, cfg["finetune"], sigma=args.sigma, seed=cfg["seed"])
     model, _ = finetune(
         model, x, y, fcfg, accelerator, args.out, data=f"{cfg['dataset']} train ({len(x)} images)"
     )

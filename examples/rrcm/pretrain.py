@@ -19,7 +19,7 @@ from accelerate import Accelerator
 
 from rrcm_diffusers import RRCMModel
 from rrcm_diffusers.data import load_dataset
-from rrcm_diffusers.experiment import _dataclass, load_config
+from rrcm_diffusers.experiment import load_config, section_config
 from rrcm_diffusers.training import PretrainConfig, pretrain
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     images, _ = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
     torch.manual_seed(cfg["seed"])
     model = RRCMModel(image_size=images.shape[-1], in_channels=images.shape[1], **cfg["model"])
-    pcfg = _dataclass(
+    pcfg = section_config(
         PretrainConfig, cfg["pretrain"], augment="grey" if images.shape[1] == 1 else "rgb", seed=cfg["seed"]
     )
     online, target, history = pretrain(model, images, pcfg, accelerator, args.out)

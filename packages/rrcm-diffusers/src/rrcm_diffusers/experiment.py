@@ -88,7 +88,8 @@ def _check_keys(where: str, given: set[str], known: set[str], path: str | Path |
         )
 
 
-def _dataclass(cls, values: dict[str, Any], **extra: Any):
+def section_config(cls, values: dict[str, Any], **extra: Any):
+    """A ``PretrainConfig``/``FinetuneConfig`` from a config section, plus ``extra`` fields."""
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names
     if unknown:
@@ -161,7 +162,7 @@ def run(
         online = RRCMModel.from_pretrained(pre_dir / "online")
     else:
         torch.manual_seed(cfg["seed"])
-        pcfg = _dataclass(PretrainConfig, cfg["pretrain"], augment=augment, seed=cfg["seed"])
+        pcfg = section_config(PretrainConfig, cfg["pretrain"], augment=augment, seed=cfg["seed"])
         online, _, history = timed(
             "pretrain",
             lambda: pretrain(
@@ -206,7 +207,7 @@ def run(
         methods["rRCM"][sigma] = _finetuned(
             out / f"rrcm-sigma{sigma:g}",
             lambda s=sigma: online.for_classification(classes),
-            _dataclass(FinetuneConfig, cfg["finetune"], sigma=sigma, seed=cfg["seed"]),
+            section_config(FinetuneConfig, cfg["finetune"], sigma=sigma, seed=cfg["seed"]),
             x_train,
             y_train,
             accelerator,

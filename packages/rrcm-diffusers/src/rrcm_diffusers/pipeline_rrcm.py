@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 
 from .certification import certify, predict
 from .modeling_rrcm import RRCMModel
-from .trajectory import RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, grid_sigma_for_sigma
+from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, grid_sigma_for_sigma
 
 CITATION = """@inproceedings{lei2025robust,
   title={Robust Representation Consistency Model via Contrastive Denoising},
@@ -80,7 +80,7 @@ class RRCMPipeline(DiffusionPipeline):
 
     def __init__(self, model: RRCMModel, scheduler: CMStochasticIterativeScheduler | None = None) -> None:
         super().__init__()
-        expected = grid_scheduler(model.config.get("num_scales", 81))
+        expected = grid_scheduler(model.config.get("num_scales", CERTIFY_NUM_SCALES))
         if scheduler is None:
             scheduler = expected
         keys = ("num_train_timesteps", "sigma_min", "sigma_max", "rho")
