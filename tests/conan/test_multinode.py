@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from shared_dist.testing import free_port
 from tests.readme_snippets import hub_cache, run_script, write_script
-from tests.rrcm.test_multinode import _free_port
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_two_machines_train_the_readme_block_as_one_machine_with_two_processes(t
     one = sorted(
         run_script(script, cwd=tmp_path / "one", processes=2, timeout=600, env=env), key=lambda r: r["rank"]
     )
-    port = _free_port()
+    port = free_port()
     machines = []
     for rank in (0, 1):
         cwd = tmp_path / f"machine{rank}"  # each "machine" has its own disk

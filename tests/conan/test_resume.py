@@ -30,7 +30,7 @@ JOB = textwrap.dedent(
     from transformers.trainer_callback import TrainerState
     from conan_st import (CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, TaskBalancedBatchSampler,
                           last_complete_checkpoint, make_balanced_datasets)
-    from tests.conan.test_correctness import DOCS, PAIRS, _model, sts_rows
+    from tests.conan.helpers import DOCS, PAIRS, _model, sts_rows
 
     out, steps, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     where, _, at = kill.partition(":")
