@@ -191,6 +191,8 @@ def test_authors_ema_schedule_is_their_concave_curve():
 
     rates = [ema_rate(k, 1000, steepness=15, schedule="authors") for k in range(1001)]
     assert rates == pytest.approx([authors(k, 1000) for k in range(1001)], rel=0, abs=1e-12)
+    # what PretrainConfig(ema_schedule="authors") gets: their A = 15 without being told
+    assert [ema_rate(k, 1000, schedule="authors") for k in range(1001)] == rates
     assert rates[0] == pytest.approx(0.99) and rates[-1] == pytest.approx(0.9999, abs=1e-8)
     assert rates[500] == pytest.approx(0.999889, abs=1e-6)  # horizon 1/(1 - rate) ~ 9,000 steps
     assert ema_rate(500, 1000) == pytest.approx(0.99495, abs=1e-5)  # the default S-curve: ~198 steps

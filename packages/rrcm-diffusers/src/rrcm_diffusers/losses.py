@@ -193,7 +193,7 @@ def ema_rate(
     total_steps: int,
     start: float = 0.99,
     end: float = 0.9999,
-    steepness: float = 6.0,
+    steepness: float | None = None,
     schedule: str = "sigmoid",
 ) -> float:
     """EMA rate of the target network, rising from ``start`` (step 0) to ``end`` (last step).
@@ -203,7 +203,8 @@ def ema_rate(
     start, 198 at half-way, 10,000 at the end).
 
     ``"authors"``: the schedule of the authors' code (``target_ema_mode="sigmoid"``, A =
-    ``steepness``, 15 there): r = sqrt(t·(end² − start²) + start²), u = (r − start)/(end − start),
+    ``steepness``, default 15 as in their configs; the S-curve's default is 6):
+    r = sqrt(t·(end² − start²) + start²), u = (r − start)/(end − start),
     c = 2/(1 + exp(−A·u)) − 1, rate = c·end + (1 − c)·start. It is concave: 0.99989 at half-way
     (a 9,000-step horizon), near ``end`` from ~20 % of the run on. The authors train 300k steps;
     in a run of a few thousand steps the target would barely follow the online network, which is
@@ -213,11 +214,14 @@ def ema_rate(
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     t = min(max(step / total_steps, 0.0), 1.0)
     if schedule == "authors":
+        steepness = 15.0 if steepness is None else steepness
         ramp = math.sqrt(t * (end**2 - start**2) + start**2)
         c = 2.0 / (1.0 + math.exp(-steepness * (ramp - start) / (end - start))) - 1.0
         return c * end + (1.0 - c) * start
     if schedule != "sigmoid":
         raise ValueError(f"schedule must be 'sigmoid' or 'authors', got {schedule!r}")
+
+    steepness = 6.0 if steepness is None else steepness
 
     def sig(v: float) -> float:
         return 1.0 / (1.0 + math.exp(-v))
