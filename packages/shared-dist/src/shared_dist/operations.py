@@ -225,17 +225,17 @@ def _check_device(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None
         )
 
 
-def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> list[int]:
+def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None, op: str = "gather") -> list[int]:
     """One small collective: every rank's row count, checked trailing shape and dtype."""
     if tensor.dtype not in _DTYPES:
-        raise TypeError(f"gather: unsupported dtype {tensor.dtype}")
+        raise TypeError(f"{op}: unsupported dtype {tensor.dtype}")
     trailing = list(tensor.shape[1:])
     meta = [tensor.shape[0], tensor.dim(), _DTYPES.index(tensor.dtype), int(torch.Size(trailing).numel())]
     meta += (trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]
     world = dist.get_world_size(group)
     local = torch.tensor(meta, dtype=torch.int64, device=tensor.device)
     everyone = torch.empty(world * _META_LEN, dtype=torch.int64, device=tensor.device)
-    _wait("gather (sizes)", _all_gather_single(everyone, local, group=group, async_op=True), group)
+    _wait(f"{op} (sizes)", _all_gather_single(everyone, local, group=group, async_op=True), group)
     table = everyone.view(world, _META_LEN).tolist()
     if any(row[1:] != table[0][1:] for row in table):
         lines = "\n".join(
@@ -244,7 +244,7 @@ def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> lis
             for r, row in enumerate(table)
         )
         raise DistributedOperationError(
-            "gather: tensors must agree on every dim but dim 0 and on dtype across ranks; got\n" + lines
+            f"{op}: tensors must agree on every dim but dim 0 and on dtype across ranks; got\n" + lines
         )
     return [row[0] for row in table]
 
@@ -253,9 +253,9 @@ class _Gather(torch.autograd.Function):
     """All-gather along dim 0 with per-rank sizes; backward = reduce-scatter (SUM)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, sizes: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int], group: Any, op: str) -> torch.Tensor:  # type: ignore[override]
         world, rank, rows = len(sizes), dist.get_rank(group), max(sizes)
-        ctx.sizes, ctx.group, ctx.rank = sizes, group, rank
+        ctx.sizes, ctx.group, ctx.rank, ctx.op = sizes, group, rank, op
         rest = tensor.shape[1:]
         if rows == 0:  # nothing anywhere: every rank skips the collective alike
             return tensor.new_empty((0, *rest))
@@ -263,7 +263,7 @@ class _Gather(torch.autograd.Function):
         if x.shape[0] < rows:  # gloo needs equal sizes, and an empty rank would crash it
             x = torch.cat([x, x.new_zeros((rows - x.shape[0], *rest))])
         out = x.new_empty((world * rows, *rest))  # (W*max_n, ...)
-        _wait("gather", _all_gather_single(out, x, group=group, async_op=True), group)
+        _wait(op, _all_gather_single(out, x, group=group, async_op=True), group)
         if all(s == rows for s in sizes):
             return out
         out = out.view(world, rows, *rest)  # (W, max_n, ...)
@@ -274,7 +274,7 @@ class _Gather(torch.autograd.Function):
         sizes, world, rows = ctx.sizes, len(ctx.sizes), max(ctx.sizes)
         rest = grad.shape[1:]
         if rows == 0:
-            return grad.new_empty((0, *rest)), None, None
+            return grad.new_empty((0, *rest)), None, None, None
         if all(s == rows for s in sizes):
             padded = grad.contiguous()
         else:
@@ -284,17 +284,19 @@ class _Gather(torch.autograd.Function):
             padded = padded.view(world * rows, *rest)
         mine = grad.new_empty((rows, *rest))  # (max_n, ...): sum over ranks of my rows
         work = _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
-        _wait("gather (backward)", work, ctx.group)
-        return mine[: sizes[ctx.rank]], None, None
+        _wait(f"{ctx.op} (backward)", work, ctx.group)
+        return mine[: sizes[ctx.rank]], None, None, None
 
 
-def _gather_tensor(tensor: torch.Tensor, group: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _gather_tensor(
+    tensor: torch.Tensor, group: Any, op: str = "gather"
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     if tensor.dim() == 0:
         tensor = tensor.unsqueeze(0)  # a scalar per rank gathers to a (W,) vector
     _check_device(tensor, group)
-    sizes = _exchange_meta(tensor, group)
+    sizes = _exchange_meta(tensor, group, op)
     offsets = (0, *torch.tensor(sizes).cumsum(0).tolist())
-    return _Gather.apply(tensor, sizes, group), offsets
+    return _Gather.apply(tensor, sizes, group, op), offsets
 
 
 def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup | None = None) -> Any:
@@ -430,17 +432,9 @@ def _gather_objects(op: str, obj: Any, group: dist.ProcessGroup | None) -> list[
     torch's ``all_gather_object`` waits for the process group's timeout (30 min on gloo);
     this one fails after ``SHARED_DIST_TIMEOUT`` like every other operation here."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(_object_device(group))
-    world = dist.get_world_size(group)
-    size = torch.tensor([payload.numel()], dtype=torch.int64, device=payload.device)
-    sizes = size.new_empty(world)
-    _wait(f"{op} (sizes)", _all_gather_single(sizes, size, group=group, async_op=True), group)
-    sizes_list = sizes.tolist()
-    rows = max(sizes_list)
-    padded = torch.cat([payload, payload.new_zeros(rows - payload.numel())])
-    out = payload.new_empty(world * rows)
-    _wait(op, _all_gather_single(out, padded, group=group, async_op=True), group)
-    out = out.view(world, rows).cpu()
-    return [pickle.loads(out[r, : sizes_list[r]].numpy().tobytes()) for r in range(world)]
+    gathered, offsets = _gather_tensor(payload, group, op)  # the same two bounded collectives as gather
+    data = gathered.cpu().numpy().tobytes()
+    return [pickle.loads(data[offsets[r] : offsets[r + 1]]) for r in range(len(offsets) - 1)]
 
 
 def gather_object(obj: Any, *, group: dist.ProcessGroup | None = None) -> list[Any]:
