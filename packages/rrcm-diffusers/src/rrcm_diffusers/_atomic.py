@@ -1,9 +1,11 @@
-"""Writes that a kill cannot leave half done."""
+"""Files a kill cannot leave half done, and the record of the config that made a folder."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -13,3 +15,36 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def claim_folder(
+    record: Path,
+    key: dict[str, Any],
+    has_results: bool,
+    write: bool = True,
+    hint: str = "choose another output folder",
+) -> None:
+    """Check, or write, the config a folder's results are made with, BEFORE they are made.
+
+    Results (and checkpoints) are reused only under the config that made them: another config
+    is an error naming the keys that differ, and results with no record (an unknown config) are
+    refused too. Nothing is deleted: ``hint`` tells the user what to do instead. ``write``: this
+    process writes the record (the main one).
+    """
+    want = json.loads(json.dumps(key, sort_keys=True, default=str))
+    if record.is_file():
+        have = json.loads(record.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(
+                f"{record.parent} holds results made with another config (differs in {diff}: "
+                f"{ {k: have.get(k) for k in diff} } there, { {k: want.get(k) for k in diff} } now); {hint}"
+            )
+    elif has_results:
+        raise ValueError(
+            f"{record.parent} holds results with no record of the config that made them ({record.name} "
+            f"missing); {hint}"
+        )
+    elif write:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record, json.dumps(want, indent=2, sort_keys=True))

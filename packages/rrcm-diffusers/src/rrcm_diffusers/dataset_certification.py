@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from shared_dist import broadcast_object, gather_object, get_rank, get_world_size
 
-from ._atomic import write_text_atomic
+from ._atomic import claim_folder
 from .certification import CertifyResult, certify
 from .pipeline_dds import DDSPipeline
 from .pipeline_rrcm import RRCMPipeline
@@ -105,25 +105,6 @@ def _append(out: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def _claim(out: Path, run: dict[str, Any]) -> str | None:
-    """Write ``OUT/run.json``, or check it against this run; the error message, or None."""
-    path = out / RUN
-    if path.is_file():
-        had = json.loads(path.read_text())
-        diff = sorted(k for k in set(had) | set(run) if had.get(k) != run.get(k))
-        if diff:
-            return (
-                f"out={str(out)!r} holds certificates of another run (it differs in {', '.join(diff)}); "
-                "use another --out, or the same settings to resume it"
-            )
-        return None
-    if (out / RECORDS).exists():
-        return f"out={str(out)!r} holds {RECORDS} but no {RUN}: not a folder this program wrote"
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(run, indent=2, sort_keys=True))
-    return None
-
-
 def certify_dataset(
     pipeline: RRCMPipeline | DDSPipeline,
     images: torch.Tensor,
@@ -155,8 +136,16 @@ def certify_dataset(
     # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
     verdict = None
     if rank == 0:
-        error = _claim(out, run)
-        verdict = (error, {} if error else read_records(out))  # never read (or cut) a file not ours
+        try:
+            claim_folder(
+                out / RUN,
+                run,
+                (out / RECORDS).exists(),
+                hint="use another --out, or the same settings to resume it",
+            )
+            verdict = (None, read_records(out))
+        except ValueError as err:  # never read (or cut) a file not ours
+            verdict = (str(err), {})
     error, done = broadcast_object(verdict)
     if error:
         raise ValueError(error)

@@ -22,7 +22,7 @@ import yaml
 from accelerate import Accelerator
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
-from ._atomic import write_text_atomic
+from ._atomic import claim_folder
 from .data import load_dataset, strided_class_subset
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
@@ -97,33 +97,6 @@ def section_config(cls, values: dict[str, Any], **extra: Any):
     return cls(**{**values, **extra})
 
 
-def _claim(record: Path, key: dict[str, Any], has_results: bool, main: bool) -> None:
-    """Check, or write, the config a cached stage was made with, BEFORE the stage runs.
-
-    A stage's results (and its checkpoints) are reused only under the config that made them:
-    another config is an error naming the keys that differ, and results with no record (an
-    unknown config) are refused too. Nothing is deleted: the user chooses another folder.
-    """
-    want = json.loads(json.dumps(key, sort_keys=True, default=str))
-    if record.is_file():
-        have = json.loads(record.read_text())
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise ValueError(
-                f"{record.parent} holds results made with another config (differs in {diff}: "
-                f"{ {k: have.get(k) for k in diff} } there, { {k: want.get(k) for k in diff} } now); "
-                "choose another output folder"
-            )
-    elif has_results:
-        raise ValueError(
-            f"{record.parent} holds results with no record of the config that made them ({record.name} "
-            "missing); choose another output folder"
-        )
-    elif main:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(record, json.dumps(want, indent=2, sort_keys=True))
-
-
 def _has_files(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
@@ -157,7 +130,7 @@ def run(
     pre_dir = out / "pretrain"
     data_key = {"dataset": cfg["dataset"], "seed": cfg["seed"], "train_images": list(x_train.shape)}
     pre_key = {**data_key, "model": cfg["model"], "pretrain": cfg["pretrain"]}
-    _claim(pre_dir / "stage.json", pre_key, _has_files(pre_dir), main)
+    claim_folder(pre_dir / "stage.json", pre_key, _has_files(pre_dir), main)
     if (pre_dir / "online" / "config.json").is_file():
         online = RRCMModel.from_pretrained(pre_dir / "online")
     else:
@@ -181,7 +154,7 @@ def run(
     # 2. linear probes on noisy features: random init vs pretrained
     if cfg["probe"]["enabled"]:
         probe_key = {**pre_key, "probe": cfg["probe"], "sigmas": cfg["sigmas"]}
-        _claim(out / "probe.stage.json", probe_key, (out / "probe.json").is_file(), main)
+        claim_folder(out / "probe.stage.json", probe_key, (out / "probe.json").is_file(), main)
     if cfg["probe"]["enabled"] and main and not (out / "probe.json").is_file():
         torch.manual_seed(cfg["seed"])
         random_init = RRCMModel(**model_kw)
@@ -247,7 +220,7 @@ def run(
     dds_dir = out / "dds"
     if cfg["dds"]["enabled"]:
         dds_key = {**data_key, "model": cfg["model"], "dds": cfg["dds"]}
-        _claim(dds_dir / "stage.json", dds_key, _has_files(dds_dir), main)
+        claim_folder(dds_dir / "stage.json", dds_key, _has_files(dds_dir), main)
     if cfg["dds"]["enabled"] and main and not (dds_dir / "model_index.json").is_file():
         d = cfg["dds"]
         torch.manual_seed(cfg["seed"])
@@ -351,7 +324,7 @@ def _fresh(model_kw: dict[str, Any], classes: int, seed: int) -> RRCMModel:
 def _finetuned(
     folder: Path, make, config: FinetuneConfig, x, y, accelerator, progress, timed, name, key: dict[str, Any]
 ) -> Path:
-    _claim(folder / "stage.json", key, _has_files(folder), accelerator.is_main_process)
+    claim_folder(folder / "stage.json", key, _has_files(folder), accelerator.is_main_process)
     pipe_dir = folder / "pipeline"
     if not (pipe_dir / "model_index.json").is_file():
         model, _ = timed(name, lambda: finetune(make(), x, y, config, accelerator, folder, progress=progress))
