@@ -237,10 +237,10 @@ def main(argv: list[str] | None = None) -> None:
         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
     wall = time.perf_counter() - start
+    devices = sorted(set(gather_object(_device_name(state.device))))  # every rank takes part
     if state.is_main_process:
         name = args.name or Path(args.pipeline).name
         row = report_row(records, name, args.sigma, args.n0, args.n, args.alpha)
-        devices = sorted(set(gather_object(_device_name(state.device))))
         row.update(processes=state.num_processes, devices=", ".join(devices), wall_s=round(wall, 1))
         notes = (
             f"{len(records)} {args.dataset} test images; {state.num_processes} processes on {row['devices']}; "
@@ -249,8 +249,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         write_report([row], Path(args.out) / "report", f"{name}: certified accuracy", notes)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("r=")}))
-    else:
-        gather_object(_device_name(state.device))
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ def summary_row(
     acc = certified_accuracy(result, labels, RADII)
     correct = result.predictions == labels.cpu()
     # per image: the certified radius when correct, -1 when wrong or abstaining (for paired tests)
-    per_image = torch.where(correct, result.radii, torch.full_like(result.radii, -1.0)).tolist()
-    k = [int(((result.radii >= r) & correct).sum()) for r in RADII]
+    per_image = torch.where(correct, result.radii, torch.full_like(result.radii, -1.0))
+    k = [int((per_image >= r).sum()) for r in RADII]  # certified correct at radius r
     return {
         "method": method,
         "sigma": sigma,
@@ -82,8 +82,8 @@ def summary_row(
         "seconds": seconds,
         "ms_per_noise_sample": 1000 * seconds / max(labels.numel() * (n0 + n), 1),
         "ci95": {f"r={r:g}": _clopper_pearson(ki, labels.numel()) for r, ki in zip(RADII, k)},
-        "acr_ci95": _bootstrap_mean([max(v, 0.0) for v in per_image]),
-        "certified_radius": per_image,
+        "acr_ci95": _bootstrap_mean(per_image.clamp_min(0.0).tolist()),
+        "certified_radius": per_image.tolist(),
     }
 
 
