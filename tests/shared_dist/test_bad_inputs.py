@@ -67,27 +67,35 @@ def test_dict_keys_in_another_order_per_rank_gather_by_key(debug):
         assert torch.equal(res["a"], expect_a) and torch.equal(res["b"], expect_b)
 
 
-def _w_raise_then_barrier() -> str:
-    import os
+def _w_after_a_raise(op: str) -> str:
+    """Rank 1 raises, then cleans up with a barrier (a DIFFERENT collective than rank 0's ``op``)."""
     import time
 
     rank, t0 = dist.get_rank(), time.monotonic()
+    run = {
+        "gather": lambda: shared_dist.gather(torch.ones(2, 3), return_offsets=True),
+        "gather_object": lambda: shared_dist.gather_object({"rank": rank}),
+        "broadcast_object": lambda: shared_dist.broadcast_object("config", src=0),
+        "check_same": lambda: shared_dist.check_same(3, "steps"),
+    }[op]
     try:
         if rank == 1:
             try:
-                raise ValueError("rank 1 failed before the gather")
+                raise ValueError(f"rank 1 failed before the {op}")
             finally:
-                shared_dist.barrier()  # the usual cleanup: a DIFFERENT collective than rank 0's
-        shared_dist.gather(torch.ones(2, 3), return_offsets=True)
+                shared_dist.barrier()  # the usual cleanup
+        run()
         return "no error"
     except Exception as err:
-        return f"{type(err).__name__} after {time.monotonic() - t0:.1f}s: {err} [{os.environ['SHARED_DIST_TIMEOUT']}]"
+        return f"{type(err).__name__} after {time.monotonic() - t0:.1f}s: {err}"
 
 
 @pytest.mark.distributed
 def test_a_rank_that_raises_makes_the_others_fail_within_the_bound():
     # without the bound, rank 0 would wait in its gather for the process group's 60 s here
-    results = launch(_w_raise_then_barrier, 2, timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"})
+    results = launch(
+        _w_after_a_raise, 2, ("gather",), timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"}
+    )
     assert results[0].startswith("DistributedOperationError"), results[0]
     assert "gather (sizes) on rank 0 failed: the other ranks did not complete it" in results[0]
     assert "waits at most 0:00:03" in results[0]
@@ -126,34 +134,11 @@ def test_reduce_mismatch_without_debug_mode_is_named(kind):
         assert "(2,)" in results[0] and "(3,)" in results[0]
 
 
-def _w_object_after_raise(op: str) -> str:
-    import time
-
-    rank, t0 = dist.get_rank(), time.monotonic()
-    try:
-        if rank == 1:
-            try:
-                raise ValueError("rank 1 failed before the object collective")
-            finally:
-                shared_dist.barrier()
-        if op == "gather_object":
-            shared_dist.gather_object({"rank": rank})
-        elif op == "broadcast_object":
-            shared_dist.broadcast_object("config", src=0)
-        else:
-            shared_dist.check_same(3, "steps")
-        return "no error"
-    except Exception as err:
-        return f"{type(err).__name__} after {time.monotonic() - t0:.1f}s: {err}"
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("op", ["gather_object", "broadcast_object", "check_same"])
 def test_object_collectives_have_the_bounded_wait(op):
     # torch's object collectives wait for the process group's timeout (60 s here, 30 min by default)
-    results = launch(
-        _w_object_after_raise, 2, (op,), timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"}
-    )
+    results = launch(_w_after_a_raise, 2, (op,), timeout=60, pg_timeout=60, env={"SHARED_DIST_TIMEOUT": "3"})
     assert results[0].startswith("DistributedOperationError"), results[0]
     assert "waits at most 0:00:03" in results[0]
     assert float(results[0].split(" after ")[1].split("s:")[0]) < 15, results[0]
