@@ -77,6 +77,63 @@ def test_gather_values_in_rank_order(sizes):
         assert torch.allclose(res["mean"], torch.full((2,), total / world))
 
 
+# One step per row: the per-rank (rows, dtype, trailing dim) and the collectives that gather must
+# issue. A step whose data fit the bound left by the previous step (the largest rank's bytes, rounded
+# up to 16) costs one collective; a first call, or data that outgrow the bound, cost two.
+_SEQUENCE = [
+    ([3, 5], torch.float32, 4, 2),  # cold: sizes first, then the data
+    ([3, 5], torch.float32, 4, 1),
+    ([5, 3], torch.float32, 4, 1),  # other rank is largest, same bound
+    ([4, 4], torch.float32, 4, 1),  # smaller: fits, padded; the bound shrinks to 64 bytes
+    ([4, 4], torch.float32, 4, 1),  # equal sizes at the bound: the received buffer is the result
+    ([6, 1], torch.float32, 4, 2),  # outgrows the bound: sent again
+    ([6, 1], torch.float64, 4, 2),  # same rows, twice the bytes
+    ([0, 0], torch.float64, 4, 1),  # nothing anywhere; the bound drops to 0
+    ([2, 2], torch.float64, 4, 2),  # from a zero bound: sizes first again
+    ([3, 3], torch.int8, 5, 1),  # 15 bytes per rank fit the 64 left by float64; the bound drops to 16
+    ([3, 3], torch.int8, 5, 1),  # 15 of 16 bytes: each rank's slice, not the whole buffer
+    ([2, 3], torch.bool, 5, 1),
+    ([1, 2], torch.complex128, 4, 2),
+]
+
+
+def _w_bounds(world: int) -> list:
+    from shared_dist import operations as ops
+
+    rank, calls = dist.get_rank(), {"n": 0}
+    for name in ("_all_gather_single", "_all_gather_coalesced"):
+        original = getattr(ops, name)
+
+        def counted(*a, _original=original, **k):
+            calls["n"] += 1
+            return _original(*a, **k)
+
+        setattr(ops, name, counted)
+    seen = []
+    for sizes, dtype, d, _ in _SEQUENCE:
+        sizes = (sizes * 2)[:world]
+        calls["n"] = 0
+        got = shared_dist.gather(_rows(rank, sizes[rank], d).to(dtype))
+        seen.append((got, calls["n"]))
+    # a warm bound must not turn a shape mismatch into a hang or a garbled transfer
+    try:
+        shared_dist.gather(_rows(rank, 3, 4 + rank))
+    except shared_dist.DistributedOperationError as err:
+        seen.append(str(err))
+    return seen
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_repeated_gathers_send_sizes_with_the_data(world):
+    for seen in launch(_w_bounds, world, (world,), timeout=120):
+        for (sizes, dtype, d, collectives), (got, n) in zip(_SEQUENCE, seen):
+            sizes = (sizes * 2)[:world]
+            expect = torch.cat([_rows(r, sizes[r], d).to(dtype) for r in range(world)])
+            assert got.dtype == dtype and torch.equal(got, expect), (sizes, dtype)
+            assert n == collectives, (sizes, dtype, n)
+        assert "must agree on every dim but dim 0" in seen[-1] and "rank 1: rows=3" in seen[-1]
+
+
 def test_single_process_is_identity():
     assert not dist.is_initialized()
     x = torch.randn(3, 2, requires_grad=True)

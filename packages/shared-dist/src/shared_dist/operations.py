@@ -30,7 +30,7 @@ every operation first meet at a monitored barrier (gloo names a rank that never
 arrives instead of hanging) and compare the full structure, shapes, dtypes and
 devices of the inputs of every rank, raising :class:`DistributedOperationError`
 that lists every rank's shapes. Without debug mode, mismatched trailing shapes or
-dtypes of a gathered tensor are still caught (the size exchange carries them), and
+dtypes of a gathered tensor are still caught (the sizes travel with them), and
 ``reduce`` compares a checksum of the structure and shapes first (one small all-reduce).
 
 Bounded waits
@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
+from itertools import count
 from typing import Any
 
 import torch
@@ -72,6 +74,7 @@ __all__ = [
 # *_tensor spelling (deprecated, with a FutureWarning, from 2.13 on).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_to_all_single = dist.all_to_all_single
 
 _DTYPES = (
     torch.float32,
@@ -225,18 +228,16 @@ def _check_device(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None
         )
 
 
-def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None, op: str = "gather") -> list[int]:
-    """One small collective: every rank's row count, checked trailing shape and dtype."""
+def _row_meta(tensor: torch.Tensor, op: str) -> list[int]:
+    """[rows, ndim, dtype code, numel of one row, trailing dims padded with -1]: what ranks must agree on."""
     if tensor.dtype not in _DTYPES:
         raise TypeError(f"{op}: unsupported dtype {tensor.dtype}")
     trailing = list(tensor.shape[1:])
     meta = [tensor.shape[0], tensor.dim(), _DTYPES.index(tensor.dtype), int(torch.Size(trailing).numel())]
-    meta += (trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]
-    world = dist.get_world_size(group)
-    local = torch.tensor(meta, dtype=torch.int64, device=tensor.device)
-    everyone = torch.empty(world * _META_LEN, dtype=torch.int64, device=tensor.device)
-    _wait(f"{op} (sizes)", _all_gather_single(everyone, local, group=group, async_op=True), group)
-    table = everyone.view(world, _META_LEN).tolist()
+    return meta + (trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]
+
+
+def _check_meta(table: list[list[int]], op: str) -> None:
     if any(row[1:] != table[0][1:] for row in table):
         lines = "\n".join(
             f"  rank {r}: rows={row[0]}, ndim={row[1]}, dtype={_DTYPES[row[2]]}, "
@@ -246,35 +247,107 @@ def _exchange_meta(tensor: torch.Tensor, group: dist.ProcessGroup | None, op: st
         raise DistributedOperationError(
             f"{op}: tensors must agree on every dim but dim 0 and on dtype across ranks; got\n" + lines
         )
-    return [row[0] for row in table]
+
+
+def _all_gather_coalesced(
+    outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: dist.ProcessGroup | None
+) -> list[dist.Work]:
+    """All-gather several uint8 buffers in one collective where the backend can (NCCL, gloo on CPU),
+    else in as many, all in flight at once."""
+    backend, device = dist.get_backend(group), inputs[0].device.type
+    pg = group if group is not None else dist.group.WORLD
+    one_op = getattr(pg, "allgather_into_tensor_coalesced", None)
+    if one_op is not None and (
+        backend == dist.Backend.NCCL or (backend == dist.Backend.GLOO and device == "cpu")
+    ):
+        return [one_op(outputs, inputs)]
+    return [_all_gather_single(o, i, group=group, async_op=True) for o, i in zip(outputs, inputs)]
+
+
+# Per process group and (operation, leaf): the bytes of the largest rank's data in the previous
+# call, rounded up to _ALIGN. The next call sends its data padded to this bound in the SAME
+# collective as the sizes, instead of exchanging sizes first: one round trip while sizes repeat.
+# Every rank derives the bound from the same gathered sizes, so all ranks agree on it; a call whose
+# data do not fit sends them again at the new bound (two round trips, like a first call).
+_BOUNDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], int]] = weakref.WeakKeyDictionary()
+_ALIGN = 16  # every rank's slice of the received bytes starts aligned for any dtype (complex128)
+
+
+def _fit(data: torch.Tensor, bound: int) -> torch.Tensor:
+    """``data`` (bytes) cut or zero-padded to ``bound`` bytes; no copy when it already has that size."""
+    if data.numel() >= bound:
+        return data[:bound]
+    return torch.cat([data, data.new_zeros(bound - data.numel())])
+
+
+def _all_gather_rows(
+    x: torch.Tensor, group: dist.ProcessGroup | None, op: str, slot: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's rows of ``x`` in rank order, and each rank's row count (not differentiable).
+
+    The data travel as bytes so that the buffers every rank exchanges have the same size whatever the
+    ranks pass: a mismatch of shapes or dtypes is reported from the metadata, never hangs the transfer."""
+    world, itemsize = dist.get_world_size(group), x.element_size()
+    bounds = _BOUNDS.setdefault(group if group is not None else dist.group.WORLD, {})
+    bound = bounds.get((op, slot), 0)
+    flat = x.contiguous().view(-1)
+    data = flat.view(torch.uint8) if flat.numel() else x.new_empty(0, dtype=torch.uint8)  # (bytes,), no copy
+    meta = torch.tensor(_row_meta(x, op), dtype=torch.int64, device=x.device)
+    metas = torch.empty(world * _META_LEN, dtype=torch.int64, device=x.device)  # (W * _META_LEN,)
+    out = torch.empty(world * bound, dtype=torch.uint8, device=x.device)  # (W * bound,)
+    if bound:
+        works = _all_gather_coalesced(
+            [metas.view(torch.uint8), out], [meta.view(torch.uint8), _fit(data, bound)], group
+        )
+    else:  # no bound yet for this slot: the sizes alone
+        works = [_all_gather_single(metas, meta, group=group, async_op=True)]
+    for work in works:
+        _wait(op, work, group)
+    table = metas.view(world, _META_LEN).tolist()
+    _check_meta(table, op)
+    rows = [row[0] for row in table]
+    nbytes = [row[0] * row[3] * itemsize for row in table]
+    bounds[(op, slot)] = -(-max(nbytes) // _ALIGN) * _ALIGN
+    if max(nbytes) > bound:  # some rank's data did not fit: all of them again, at the new bound
+        bound = bounds[(op, slot)]
+        out = torch.empty(world * bound, dtype=torch.uint8, device=x.device)
+        _wait(op, _all_gather_single(out, _fit(data, bound), group=group, async_op=True), group)
+    shape = (sum(rows), *x.shape[1:])
+    if all(n == bound for n in nbytes):  # equal sizes: the received buffer is the result
+        return out.view(x.dtype).view(shape), rows
+    per_rank = out.view(world, bound)  # (W, bound)
+    return torch.cat([per_rank[r, : nbytes[r]] for r in range(world)]).view(x.dtype).view(shape), rows
 
 
 class _Gather(torch.autograd.Function):
     """All-gather along dim 0 with per-rank sizes; backward = reduce-scatter (SUM)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, sizes: list[int], group: Any, op: str) -> torch.Tensor:  # type: ignore[override]
-        world, rank, rows = len(sizes), dist.get_rank(group), max(sizes)
-        ctx.sizes, ctx.group, ctx.rank, ctx.op = sizes, group, rank, op
-        rest = tensor.shape[1:]
-        if rows == 0:  # nothing anywhere: every rank skips the collective alike
-            return tensor.new_empty((0, *rest))
-        x = tensor.contiguous()
-        if x.shape[0] < rows:  # gloo needs equal sizes, and an empty rank would crash it
-            x = torch.cat([x, x.new_zeros((rows - x.shape[0], *rest))])
-        out = x.new_empty((world * rows, *rest))  # (W*max_n, ...)
-        _wait(op, _all_gather_single(out, x, group=group, async_op=True), group)
-        if all(s == rows for s in sizes):
-            return out
-        out = out.view(world, rows, *rest)  # (W, max_n, ...)
-        return torch.cat([out[r, : sizes[r]] for r in range(world)])  # (sum_n, ...)
+    def forward(
+        ctx, tensor: torch.Tensor, group: Any, op: str, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        out, sizes = _all_gather_rows(tensor, group, op, slot)
+        ctx.sizes, ctx.group, ctx.rank, ctx.op = sizes, group, dist.get_rank(group), op
+        sizes_t = torch.tensor(sizes)
+        ctx.mark_non_differentiable(sizes_t)
+        return out, sizes_t
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        sizes, world, rows = ctx.sizes, len(ctx.sizes), max(ctx.sizes)
+    def backward(ctx, grad: torch.Tensor, _: Any):  # type: ignore[override]
+        sizes, world, rows, mine = ctx.sizes, len(ctx.sizes), max(ctx.sizes), ctx.sizes[ctx.rank]
         rest = grad.shape[1:]
         if rows == 0:
             return grad.new_empty((0, *rest)), None, None, None
+        if dist.get_backend(ctx.group) == dist.Backend.GLOO and grad.device.type == "cpu":
+            # gloo's reduce-scatter takes 1.3-2.5x the time of an all-to-all plus a local sum
+            # (benchmarks/bench_gather.py), and the all-to-all takes uneven sizes without padding
+            parts = grad.new_empty((world * mine, *rest))  # (W*n, ...): every rank's gradient for my rows
+            work = _all_to_all_single(
+                parts, grad.contiguous(), [mine] * world, sizes, group=ctx.group, async_op=True
+            )
+            _wait(f"{ctx.op} (backward)", work, ctx.group)
+            return parts.view(world, mine, *rest).sum(0), None, None, None  # (n, ...)
+        # NCCL: a native reduce-scatter, on rows padded to the largest rank's
         if all(s == rows for s in sizes):
             padded = grad.contiguous()
         else:
@@ -282,21 +355,20 @@ class _Gather(torch.autograd.Function):
             for r, chunk in enumerate(torch.split(grad, sizes)):
                 padded[r, : sizes[r]] = chunk
             padded = padded.view(world * rows, *rest)
-        mine = grad.new_empty((rows, *rest))  # (max_n, ...): sum over ranks of my rows
-        work = _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
+        summed = grad.new_empty((rows, *rest))  # (max_n, ...): sum over ranks of my rows
+        work = _reduce_scatter_single(summed, padded, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
         _wait(f"{ctx.op} (backward)", work, ctx.group)
-        return mine[: sizes[ctx.rank]], None, None, None
+        return summed[:mine], None, None, None
 
 
 def _gather_tensor(
-    tensor: torch.Tensor, group: Any, op: str = "gather"
+    tensor: torch.Tensor, group: Any, op: str = "gather", slot: int = 0
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     if tensor.dim() == 0:
         tensor = tensor.unsqueeze(0)  # a scalar per rank gathers to a (W,) vector
     _check_device(tensor, group)
-    sizes = _exchange_meta(tensor, group, op)
-    offsets = (0, *torch.tensor(sizes).cumsum(0).tolist())
-    return _Gather.apply(tensor, sizes, group, op), offsets
+    gathered, sizes = _Gather.apply(tensor, group, op, slot)
+    return gathered, (0, *sizes.cumsum(0).tolist())
 
 
 def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup | None = None) -> Any:
@@ -316,8 +388,10 @@ def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup 
 
     Gradients follow the rule in this module's docstring: the backward pass sums the
     gradients all ranks send to a row, so DDP's averaging yields the single-process
-    gradient. Costs one small collective for the sizes, one all-gather forward and
-    one reduce-scatter backward.
+    gradient. Costs one all-gather forward (the sizes, shapes and dtypes travel with
+    the data) and one reduce-scatter backward (an all-to-all and a local sum on gloo). The data are sent padded to the largest
+    rank's size in the previous call at the same place: a first call, or one whose data
+    outgrow that, pays a second all-gather.
     """
     if not is_distributed(group):
         if not return_offsets:
@@ -326,7 +400,8 @@ def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup 
         return data, _map(lambda t: (0, t.shape[0] if t.dim() else 1), data)
     if is_debug_mode():
         _debug_check("gather", data, group, same_shape=False)
-    pairs = _map(lambda t: _gather_tensor(t, group), data)
+    leaf = count()  # the bound of each leaf is remembered apart (see _BOUNDS)
+    pairs = _map(lambda t: _gather_tensor(t, group, slot=next(leaf)), data)
     gathered = _map_pairs(pairs, 0)
     return (gathered, _map_pairs(pairs, 1)) if return_offsets else gathered
 
@@ -432,7 +507,7 @@ def _gather_objects(op: str, obj: Any, group: dist.ProcessGroup | None) -> list[
     torch's ``all_gather_object`` waits for the process group's timeout (30 min on gloo);
     this one fails after ``SHARED_DIST_TIMEOUT`` like every other operation here."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(_object_device(group))
-    gathered, offsets = _gather_tensor(payload, group, op)  # the same two bounded collectives as gather
+    gathered, offsets = _gather_tensor(payload, group, op, slot=-1)  # the bounded collectives of gather
     data = gathered.cpu().numpy().tobytes()
     return [pickle.loads(data[offsets[r] : offsets[r + 1]]) for r in range(len(offsets) - 1)]
 
