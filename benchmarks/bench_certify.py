@@ -1,39 +1,59 @@
-"""Certification cost: rRCM vs Cohen vs DDS per noise sample, and the pipeline's overhead.
+"""Certification cost: rRCM vs Cohen vs DDS per noise sample, the pipeline's overhead, bf16.
 
 One run on this machine, the model of an experiment config (default
-examples/rrcm/configs/mnist_small.yaml; weights do not change the cost, so fresh models are used).
-Wall times are the minimum over ``--repeats`` interleaved runs, so that a burst of load on a shared
-machine does not land on one side of a ratio only:
+examples/rrcm/configs/mnist_main.yaml, the main job's; weights do not change the cost, so fresh models are used).
+Every round times, in a rotating order: RRCMPipeline.certify, a bare batched forward of the same
+model over the same number of samples (inputs drawn beforehand), DDS certify (``--dds-images``
+images; the cost per sample is what counts), and a forward in fp32 and under bf16 autocast.
+Prints the machine, median [min, max] over ``--rounds`` rounds, and:
 
-* FLOPs per noise sample (torch.utils.flop_counter) and wall time per noise sample when
-  certifying (n0 + n samples, batched), for rRCM (one ViT pass), Cohen (the same backbone,
-  so the same cost) and DDS (one UNet pass + one classifier pass); ratio DDS / rRCM
-  (target >= 10x);
-* RRCMPipeline.certify vs a bare batched forward of the same model over the same number of
-  samples (target overhead <= 10%);
-* bf16 autocast and torch.compile on this CPU, to show whether they help (neither is on by default).
+* FLOPs per noise sample (torch.utils.flop_counter) and wall time per noise sample, rRCM (one ViT
+  pass), Cohen (the same backbone, so the same cost) and DDS (one UNet pass + one classifier
+  pass); ratio DDS / rRCM (target >= 20x);
+* certify vs the bare forward, per round (target overhead <= 5%);
+* achieved GFLOP/s of certify against this machine's fp32 (and bf16) GEMM peak, measured here;
+* bf16 autocast vs fp32 forward, and how many certificates change with it (off by default);
+* with ``--compile``, torch.compile vs eager.
 
-    python benchmarks/bench_certify.py [--config examples/rrcm/configs/mnist_p7.yaml] [--images 4] [--n 2000]
+    python benchmarks/bench_certify.py [--config examples/rrcm/configs/mnist_p7.yaml] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
 
 import torch
+from _common import interleave, machine, ratios, spread
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def gemm_peak(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a square matmul on this machine: the ceiling for a transformer's forward."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--dds-images", type=int, default=1)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--config", default="examples/rrcm/configs/mnist_small.yaml")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (first call ~20 s)")
+    parser.add_argument("--config", default="examples/rrcm/configs/mnist_main.yaml")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from rrcm_diffusers import RRCMModel, RRCMPipeline
@@ -41,6 +61,7 @@ def main() -> None:
     from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
     from rrcm_diffusers.trajectory import grid_sigma_for_sigma
 
+    print(machine())
     torch.manual_seed(0)
     model_cfg = load_config(args.config)["model"]
     print(f"model: {model_cfg} ({args.config})")
@@ -64,14 +85,14 @@ def main() -> None:
             f(x)
         return counter.get_total_flops() / 100
 
-    samples = args.images * (n0 + args.n)  # noise samples per certify call
-
-    def certify_time(pipe) -> float:
-        t0 = time.perf_counter()
-        pipe.certify(
-            images, sigma, n0=n0, n=args.n, batch_size=args.batch, generator=torch.Generator().manual_seed(0)
+    def certify_time(pipe, imgs, **kwargs) -> float:
+        seed = torch.Generator().manual_seed(0)
+        t = _timed(
+            lambda: pipe.certify(
+                imgs, sigma, n0=n0, n=args.n, batch_size=args.batch, generator=seed, **kwargs
+            )
         )
-        return (time.perf_counter() - t0) / samples
+        return 1000 * t / (len(imgs) * (n0 + args.n))  # ms per noise sample
 
     # the bare loop: the same model, the same batch shapes, inputs drawn beforehand, nothing else
     level = grid_sigma_for_sigma(sigma, rrcm.scheduler.config.num_train_timesteps)
@@ -85,59 +106,81 @@ def main() -> None:
         for _ in range(args.images):
             for b in shapes:
                 clf(xs[b], level).logits.argmax(-1)
-        return (time.perf_counter() - t0) / samples
+        return 1000 * (time.perf_counter() - t0) / (args.images * (n0 + args.n))
+
+    x = torch.rand(args.batch, 1, 28, 28)
+
+    @torch.inference_mode()
+    def forward_time(dtype: torch.dtype | None) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            return 1000 * min(_timed(lambda: clf(x, level)) for _ in range(3)) / args.batch
 
     f_rrcm, f_dds = flops(rrcm.base_classifier(sigma)), flops(dds.base_classifier(sigma))
     for pipe in (rrcm, dds):
         pipe.certify(images[:1], sigma, n0=10, n=args.batch, batch_size=args.batch)  # warm-up
-    bare_time()
-    runs = [(certify_time(rrcm), bare_time(), certify_time(dds)) for _ in range(args.repeats)]
-    t_rrcm, bare, t_dds = (min(r[i] for r in runs) for i in range(3))
-    print(
-        f"per noise sample          FLOPs      wall ms   (certify: {args.images} images, n0={n0}, "
-        f"n={args.n}, batch {args.batch}, min of {args.repeats})"
+    bare_time(), forward_time(None), forward_time(torch.bfloat16)
+    t = interleave(
+        {
+            "rrcm": lambda: certify_time(rrcm, images),
+            "bare": bare_time,
+            "dds": lambda: certify_time(dds, images[: args.dds_images]),
+            "fp32": lambda: forward_time(None),
+            "bf16": lambda: forward_time(torch.bfloat16),
+        },
+        args.rounds,
     )
-    print(f"rRCM  (ViT)          {f_rrcm / 1e6:9.1f} M  {1000 * t_rrcm:9.3f}")
-    print(f"Cohen (same ViT)     {f_rrcm / 1e6:9.1f} M  {1000 * t_rrcm:9.3f}   (same backbone, same cost)")
-    print(f"DDS   (UNet + ViT)   {f_dds / 1e6:9.1f} M  {1000 * t_dds:9.3f}")
-    print(f"DDS / rRCM: {f_dds / f_rrcm:.1f}x FLOPs, {t_dds / t_rrcm:.1f}x wall time   (target >= 10x)")
+    peak32, peak16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
     print(
-        f"pipeline certify {1000 * t_rrcm:.3f} ms vs bare forward {1000 * bare:.3f} ms per sample: "
-        f"overhead {100 * (t_rrcm / bare - 1):+.1f}%   (target <= 10%)"
+        f"per noise sample          FLOPs     wall ms, median [min, max] of {args.rounds} rounds   "
+        f"(certify: n0={n0}, n={args.n}, batch {args.batch}; rRCM {args.images} images, DDS {args.dds_images})"
+    )
+    print(f"rRCM  (ViT)          {f_rrcm / 1e6:9.1f} M  {spread(t['rrcm'])}")
+    print(f"Cohen (same ViT)     {f_rrcm / 1e6:9.1f} M  {spread(t['rrcm'])}   (same backbone, same cost)")
+    print(f"DDS   (UNet + ViT)   {f_dds / 1e6:9.1f} M  {spread(t['dds'])}")
+    print(
+        f"DDS / rRCM: {f_dds / f_rrcm:.1f}x FLOPs, {spread(ratios(t['dds'], t['rrcm']), '.1f')}x wall time"
+        "   (target >= 20x)"
+    )
+    overhead = [100 * (r - 1) for r in ratios(t["rrcm"], t["bare"])]
+    print(
+        f"pipeline certify vs bare forward, per round: overhead {spread(overhead, '+.1f')} %   (target <= 5%)"
+    )
+    achieved = [f_rrcm / (ms / 1000) / 1e9 for ms in t["rrcm"]]
+    print(
+        f"certify achieves {spread(achieved, '.1f')} GFLOP/s; this machine's GEMM peak (2048^2, measured now): "
+        f"fp32 {peak32:.1f}, bf16 {peak16:.1f} GFLOP/s -> {statistics.median(achieved) / peak32:.0%} of fp32 peak"
     )
 
-    # bf16 autocast on this CPU
-    x = torch.rand(args.batch, 1, 28, 28)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for _ in range(3):
-            clf(x, level)
-        fp32 = time.perf_counter() - t0
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            clf(x, level)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                clf(x, level)
-            bf16 = time.perf_counter() - t0
-    print(f"bf16 autocast forward / fp32 on this CPU: {bf16 / fp32:.2f}x (>1 means slower: left off)")
+    # bf16 autocast: how much faster here, and how many certificates it changes
+    speed = ratios(t["bf16"], t["fp32"])
+    seed = dict(n0=n0, n=args.n, batch_size=args.batch)
+    a = rrcm.certify(images, sigma, generator=torch.Generator().manual_seed(1), **seed)
+    b = rrcm.certify(
+        images, sigma, generator=torch.Generator().manual_seed(1), autocast_dtype=torch.bfloat16, **seed
+    )
+    same = (a.predictions == b.predictions).float().mean().item()
+    print(
+        f"bf16 autocast forward / fp32: {spread(speed, '.2f')}x (< 1: faster here); same prediction on "
+        f"{same:.0%} of {len(images)} images, radii differ by at most {(a.radii - b.radii).abs().max():.4f} "
+        "(opt in with autocast_dtype=torch.bfloat16; off by default so certificates do not depend on the machine)"
+    )
+    if args.compile:
+        _compile_report(clf, x, level, forward_time(None) * args.batch / 1000, args.batch)
 
-    # torch.compile (inductor) on this CPU: worth it only if faster and the votes do not change
+
+def _compile_report(clf, x: torch.Tensor, level: float, eager_s: float, batch: int) -> None:
+    """torch.compile (inductor) on this CPU: worth it only if faster and the votes do not change."""
     compiled = torch.compile(clf)
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        compiled(x, level)
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(3):
-            compiled(x, level)
-        comp = time.perf_counter() - t0
-        votes = torch.randn(args.batch, 1, 28, 28)
+        first = _timed(lambda: compiled(x, level))
+        comp = min(_timed(lambda: compiled(x, level)) for _ in range(3))
+        votes = torch.randn(batch, 1, 28, 28)
         agree = (
             (compiled(votes, level).logits.argmax(-1) == clf(votes, level).logits.argmax(-1)).float().mean()
         )
     print(
-        f"torch.compile forward / eager on this CPU: {comp / fp32:.2f}x "
-        f"(first call {compile_s:.1f} s; same argmax on {100 * agree:.2f}% of {args.batch} noisy inputs)"
+        f"torch.compile forward / eager on this CPU: {comp / eager_s:.2f}x "
+        f"(first call {first:.1f} s; same argmax on {100 * agree:.2f}% of {batch} noisy inputs)"
     )
 
 

@@ -128,6 +128,27 @@ def test_pipeline_classifier_maps_to_model_space_without_touching_its_input():
         torch.testing.assert_close(old_name(x), expected, rtol=0, atol=0)
 
 
+def test_autocast_certifies_the_bf16_classifier_with_float32_logits():
+    pipe = _pipeline()
+    x = torch.rand(64, 1, 28, 28)  # (B, C, H, W) noisy images in [0, 1]
+    with torch.inference_mode():
+        fp32 = pipe.base_classifier(0.5)(x)
+        bf16 = pipe.base_classifier(0.5, autocast_dtype=torch.bfloat16)(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = pipe.base_classifier(0.5)(x)  # (B, K) what the model gives under autocast
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, reference.float())
+    assert not torch.equal(bf16, fp32)  # really ran in bf16 ...
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)  # ... close to fp32
+    imgs = torch.rand(2, 1, 28, 28)
+    run = dict(n0=20, n=300, batch_size=64, autocast_dtype=torch.bfloat16)
+    a = pipe.certify(imgs, 0.5, generator=torch.Generator().manual_seed(3), **run)
+    b = pipe.certify(imgs, 0.5, generator=torch.Generator().manual_seed(3), **run)
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.radii, b.radii)  # deterministic
+    for bad in (torch.float32, "bfloat16"):
+        with pytest.raises(ValueError, match="autocast_dtype must be None or one of"):
+            pipe.certify(imgs, 0.5, n0=10, n=50, autocast_dtype=bad)
+
+
 def test_pipeline_save_load_gives_identical_certificates(tmp_path):
     pipe = _pipeline()
     imgs = torch.rand(3, 1, 28, 28)

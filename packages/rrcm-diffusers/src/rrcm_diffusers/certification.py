@@ -27,6 +27,31 @@ ABSTAIN = -1
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 
 
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def with_autocast(classifier: Classifier, autocast_dtype: torch.dtype | None) -> Classifier:
+    """``classifier`` run under ``torch.autocast(autocast_dtype)``, returning float32 logits;
+    ``classifier`` itself when ``autocast_dtype`` is None.
+
+    Randomized smoothing certifies whatever deterministic base classifier votes, so certificates
+    computed under autocast are as sound as in float32: they certify the reduced-precision
+    classifier, which may vote differently on a few noisy inputs. Off by default, so that a fixed
+    generator gives the same certificates on every machine; ``benchmarks/bench_certify.py`` prints
+    whether it is faster on yours and how many votes change.
+    """
+    if autocast_dtype is None:
+        return classifier
+    if autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_dtype must be None or one of {AUTOCAST_DTYPES}, got {autocast_dtype!r}")
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            return classifier(x).float()  # (B, K)
+
+    return f
+
+
 @dataclass
 class PredictResult:
     predictions: torch.Tensor  # (N,) class or ABSTAIN

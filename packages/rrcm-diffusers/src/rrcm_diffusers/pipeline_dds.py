@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .certification import certify, predict
+from .certification import certify, predict, with_autocast
 from .modeling_rrcm import RRCMModel
 from .pipeline_rrcm import RRCMCertifyOutput, RRCMPipelineOutput
 from .trajectory import SIGMA_MIN
@@ -47,7 +47,9 @@ class DDSPipeline(DiffusionPipeline):
         abar = self.scheduler.alphas_cumprod.double()
         return int(torch.argmin(((1 - abar) / abar).sqrt().sub(2 * sigma).abs()))
 
-    def base_classifier(self, sigma: float):
+    def base_classifier(self, sigma: float, autocast_dtype: torch.dtype | None = None):
+        """Denoise-then-classify f(x) for noisy images x in [0, 1] pixel space → logits (B, K);
+        the same contract as `RRCMPipeline.base_classifier`."""
         t = self.timestep_for_sigma(sigma)
         abar = float(self.scheduler.alphas_cumprod[t])
         unet, clf = self.unet.eval(), self.classifier.eval()
@@ -59,7 +61,7 @@ class DDSPipeline(DiffusionPipeline):
             x0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
             return clf(x0, SIGMA_MIN).logits  # (B, K)
 
-        return f
+        return with_autocast(f, autocast_dtype)
 
     def _prepare(self, images) -> torch.Tensor:
         """Images on the pipeline's device, checked against the UNet's input shape."""
@@ -78,17 +80,18 @@ class DDSPipeline(DiffusionPipeline):
     @torch.inference_mode()
     def __call__(
         self,
-        images,
-        sigma=0.5,
-        num_samples=1000,
-        alpha=0.001,
-        batch_size=1000,
-        generator=None,
-        return_dict=True,
-    ):
-        """Smoothed prediction with abstention (Cohen's PREDICT); see `RRCMPipeline.__call__`."""
+        images: torch.Tensor,
+        sigma: float = 0.5,
+        num_samples: int = 1000,
+        alpha: float = 0.001,
+        batch_size: int = 1000,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> RRCMPipelineOutput | tuple:
+        """Smoothed prediction with abstention (Cohen's PREDICT); the arguments of `RRCMPipeline.__call__`."""
         out = predict(
-            self.base_classifier(sigma),
+            self.base_classifier(sigma, autocast_dtype),
             self._prepare(images),
             sigma,
             num_samples,
@@ -103,18 +106,26 @@ class DDSPipeline(DiffusionPipeline):
     @torch.inference_mode()
     def certify(
         self,
-        images,
-        sigma=0.5,
-        n0=100,
-        n=100_000,
-        alpha=0.001,
-        batch_size=1000,
-        generator=None,
-        return_dict=True,
-    ):
-        """Certified L2 radius per image (Cohen's CERTIFY); see `RRCMPipeline.certify`."""
+        images: torch.Tensor,
+        sigma: float = 0.5,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        batch_size: int = 1000,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> RRCMCertifyOutput | tuple:
+        """Certified L2 radius per image (Cohen's CERTIFY); the arguments of `RRCMPipeline.certify`."""
         out = certify(
-            self.base_classifier(sigma), self._prepare(images), sigma, n0, n, alpha, batch_size, generator
+            self.base_classifier(sigma, autocast_dtype),
+            self._prepare(images),
+            sigma,
+            n0,
+            n,
+            alpha,
+            batch_size,
+            generator,
         )
         if not return_dict:
             return (out.predictions, out.radii, out.p_lower, out.counts)

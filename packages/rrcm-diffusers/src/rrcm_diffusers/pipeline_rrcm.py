@@ -12,7 +12,7 @@ from diffusers import CMStochasticIterativeScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from huggingface_hub import ModelCard
 
-from .certification import certify, predict
+from .certification import certify, predict, with_autocast
 from .modeling_rrcm import RRCMModel
 from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, grid_sigma_for_sigma
 
@@ -95,9 +95,10 @@ class RRCMPipeline(DiffusionPipeline):
             )
         self.register_modules(model=model, scheduler=scheduler)
 
-    def base_classifier(self, sigma: float):
+    def base_classifier(self, sigma: float, autocast_dtype: torch.dtype | None = None):
         """The base classifier f(x) for noisy images x in [0, 1] pixel space → logits (B, K);
-        the same name and contract as `DDSPipeline.base_classifier`."""
+        the same name and contract as `DDSPipeline.base_classifier`. With ``autocast_dtype``
+        (``torch.bfloat16``) it runs under autocast; see `certification.with_autocast`."""
         if self.model.classifier is None:
             raise ValueError("the pipeline's model has no classifier head; fine-tune it first")
         level = grid_sigma_for_sigma(sigma, self.scheduler.config.num_train_timesteps)
@@ -106,7 +107,7 @@ class RRCMPipeline(DiffusionPipeline):
         def f(x: torch.Tensor) -> torch.Tensor:
             return model(x.mul(2.0).sub_(1.0), level).logits  # (B, K); one temporary, x is left intact
 
-        return f
+        return with_autocast(f, autocast_dtype)
 
     def classifier(self, sigma: float):
         """Deprecated name of `base_classifier` (0.1.0)."""
@@ -139,6 +140,7 @@ class RRCMPipeline(DiffusionPipeline):
         batch_size: int = 1000,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ) -> RRCMPipelineOutput | tuple:
         r"""
         Smoothed prediction with abstention (Cohen's PREDICT).
@@ -151,10 +153,12 @@ class RRCMPipeline(DiffusionPipeline):
             batch_size (`int`): noisy copies per forward pass.
             generator (`torch.Generator`, *optional*): for reproducible noise.
             return_dict (`bool`): return an [`RRCMPipelineOutput`] instead of a tuple.
+            autocast_dtype (`torch.dtype`, *optional*): run the base classifier under autocast
+                (`torch.bfloat16`); off by default. Sound for any dtype: see `certification.with_autocast`.
         """
         x = self._prepare(images)
         out = predict(
-            self.base_classifier(sigma),
+            self.base_classifier(sigma, autocast_dtype),
             x,
             sigma,
             num_samples,
@@ -178,6 +182,7 @@ class RRCMPipeline(DiffusionPipeline):
         batch_size: int = 1000,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ) -> RRCMCertifyOutput | tuple:
         r"""
         Certified L2 radius per image (Cohen's CERTIFY).
@@ -191,10 +196,12 @@ class RRCMPipeline(DiffusionPipeline):
             batch_size (`int`): noisy copies per forward pass.
             generator (`torch.Generator`, *optional*): for reproducible noise.
             return_dict (`bool`): return an [`RRCMCertifyOutput`] instead of a tuple.
+            autocast_dtype (`torch.dtype`, *optional*): run the base classifier under autocast
+                (`torch.bfloat16`); off by default. Sound for any dtype: see `certification.with_autocast`.
         """
         x = self._prepare(images)
         out = certify(
-            self.base_classifier(sigma),
+            self.base_classifier(sigma, autocast_dtype),
             x,
             sigma,
             n0,
