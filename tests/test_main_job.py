@@ -60,6 +60,7 @@ def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_di
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     assert "certified accuracy" in summary and "| rRCM | 0.5 |" in summary and "| Cohen | 0.5 |" in summary
+    assert "| scratch+consistency | 0.5 |" in summary
     assert "| before |" in summary and "| after |" in summary
     results = json.loads((out / "results.json").read_text())
     assert {"rrcm", "conan", "wall_time_s"} <= set(results)
