@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end at tiny sizes and print what RESULTS.md quotes: the machine
+they ran on, then medians with their spread over interleaved rounds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "bench_gather.py": (["--rounds", "2", "--iters", "2"], "worst median ratio ours / torch"),
+    "bench_certify.py": (["--rounds", "2", "--n", "100", "--images", "1", "--batch", "100"], "overhead"),
+    "bench_cbb.py": (["--rounds", "2", "--iters", "1", "--batch", "4"], "CBB / MNRL"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(CASES))
+def test_benchmark_prints_the_machine_and_spreads(script):
+    args, expect = CASES[script]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "machine: " in run.stdout and "cores, flags" in run.stdout, run.stdout
+    assert expect in run.stdout and " [" in run.stdout, run.stdout  # median [min, max]
