@@ -13,6 +13,7 @@ import difflib
 import inspect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -192,12 +193,13 @@ def run(
             f"finetune_rrcm_{sigma:g}",
             {**pre_key, "finetune": cfg["finetune"], "sigma": sigma},
         )
+    # the baselines from a random init, each per σ: (folder, stage name, FinetuneConfig for σ, stage key)
+    baselines: dict[str, tuple[str, str, Callable[[float], FinetuneConfig], dict[str, Any]]] = {}
     if cfg["cohen"]["enabled"]:
         c = cfg["cohen"]
-        name = "Cohen+consistency" if c["consistency"] else "Cohen"
-        methods[name] = {}
-        for sigma in cfg["sigmas"]:
-            fc = FinetuneConfig(
+
+        def cohen(sigma: float) -> FinetuneConfig:
+            return FinetuneConfig(
                 sigma=sigma,
                 probe_steps=0,
                 steps=c["steps"],
@@ -208,24 +210,15 @@ def run(
                 consistency_weight=None if c["consistency"] else 0.0,
                 seed=cfg["seed"],
             )
-            methods[name][sigma] = _finetuned(
-                out / f"cohen-sigma{sigma:g}",
-                lambda: _fresh(model_kw, classes, cfg["seed"]),
-                fc,
-                x_train,
-                y_train,
-                accelerator,
-                progress,
-                timed,
-                f"train_cohen_{sigma:g}",
-                {**data_key, "model": cfg["model"], "cohen": c, "sigma": sigma},
-            )
+
+        name = "Cohen+consistency" if c["consistency"] else "Cohen"
+        baselines[name] = ("cohen", "train_cohen", cohen, {"model": cfg["model"], "cohen": c})
     if cfg["scratch"]["enabled"]:
         steps = cfg["scratch"]["steps"] or cfg["pretrain"]["steps"] + cfg["finetune"]["steps"]
-        methods["scratch+consistency"] = {}
-        for sigma in cfg["sigmas"]:
-            # no head-only warm-up and no layer-wise decay: there are no pretrained layers to keep
-            fc = section_config(
+        # rRCM's fine-tuning without head-only warm-up or layer-wise decay: no pretrained layers to keep
+
+        def scratch(sigma: float) -> FinetuneConfig:
+            return section_config(
                 FinetuneConfig,
                 cfg["finetune"],
                 sigma=sigma,
@@ -234,24 +227,25 @@ def run(
                 probe_steps=0,
                 layer_decay=1.0,
             )
-            methods["scratch+consistency"][sigma] = _finetuned(
-                out / f"scratch-sigma{sigma:g}",
+
+        key = {"model": cfg["model"], "finetune": cfg["finetune"], "scratch_steps": steps}
+        baselines["scratch+consistency"] = ("scratch", "train_scratch", scratch, key)
+    for name, (folder, stage, config_for, key) in baselines.items():
+        methods[name] = {
+            sigma: _finetuned(
+                out / f"{folder}-sigma{sigma:g}",
                 lambda: _fresh(model_kw, classes, cfg["seed"]),
-                fc,
+                config_for(sigma),
                 x_train,
                 y_train,
                 accelerator,
                 progress,
                 timed,
-                f"train_scratch_{sigma:g}",
-                {
-                    **data_key,
-                    "model": cfg["model"],
-                    "finetune": cfg["finetune"],
-                    "scratch_steps": steps,
-                    "sigma": sigma,
-                },
+                f"{stage}_{sigma:g}",
+                {**data_key, **key, "sigma": sigma},
             )
+            for sigma in cfg["sigmas"]
+        }
     dds_dir = out / "dds"
     if cfg["dds"]["enabled"]:
         dds_key = {**data_key, "model": cfg["model"], "dds": cfg["dds"]}

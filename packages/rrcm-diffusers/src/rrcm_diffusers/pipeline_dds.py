@@ -10,9 +10,9 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .certification import certify, predict, with_autocast
+from .certification import with_autocast
 from .modeling_rrcm import RRCMModel
-from .pipeline_rrcm import RRCMCertifyOutput, RRCMPipelineOutput
+from .pipeline_rrcm import RRCMPipeline
 from .trajectory import SIGMA_MIN
 
 
@@ -77,61 +77,11 @@ class DDSPipeline(DiffusionPipeline):
             )
         return x.to(self.device)
 
-    @torch.inference_mode()
-    def __call__(
-        self,
-        images: torch.Tensor,
-        sigma: float = 0.5,
-        num_samples: int = 1000,
-        alpha: float = 0.001,
-        batch_size: int = 1000,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> RRCMPipelineOutput | tuple:
-        """Smoothed prediction with abstention (Cohen's PREDICT); the arguments of `RRCMPipeline.__call__`."""
-        out = predict(
-            self.base_classifier(sigma, autocast_dtype),
-            self._prepare(images),
-            sigma,
-            num_samples,
-            alpha,
-            batch_size,
-            generator,
-        )
-        if not return_dict:
-            return (out.predictions, out.counts, out.p_values)
-        return RRCMPipelineOutput(predictions=out.predictions, counts=out.counts, p_values=out.p_values)
-
-    @torch.inference_mode()
-    def certify(
-        self,
-        images: torch.Tensor,
-        sigma: float = 0.5,
-        n0: int = 100,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        batch_size: int = 1000,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> RRCMCertifyOutput | tuple:
-        """Certified L2 radius per image (Cohen's CERTIFY); the arguments of `RRCMPipeline.certify`."""
-        out = certify(
-            self.base_classifier(sigma, autocast_dtype),
-            self._prepare(images),
-            sigma,
-            n0,
-            n,
-            alpha,
-            batch_size,
-            generator,
-        )
-        if not return_dict:
-            return (out.predictions, out.radii, out.p_lower, out.counts)
-        return RRCMCertifyOutput(
-            predictions=out.predictions, radii=out.radii, p_lower=out.p_lower, counts=out.counts
-        )
+    # PREDICT and CERTIFY are RRCMPipeline's, on this pipeline's base classifier: the same arguments,
+    # input checks, outputs, and noise for a given generator (one implementation, not a copy)
+    __call__ = RRCMPipeline.__call__
+    certify = RRCMPipeline.certify
+    _progress_disabled = RRCMPipeline._progress_disabled
 
 
 def small_unet(image_size: int = 28, channels: int = 1) -> UNet2DModel:
