@@ -9,7 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RRCM_DISABLE_PLUGIN_AUTOLOAD", "")  # tests opt in per test
+# one default for both packages: only the built-in plugins; tests of entry-point loading opt in
+os.environ.setdefault("RRCM_DISABLE_PLUGIN_AUTOLOAD", "1")
+os.environ.setdefault("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -1,10 +1,6 @@
 from __future__ import annotations
 
-import os
-
 import pytest
-
-os.environ["CONAN_ST_DISABLE_PLUGIN_AUTOLOAD"] = os.environ.get("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 
 def minilm_path() -> str:

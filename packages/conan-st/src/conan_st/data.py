@@ -13,13 +13,17 @@ from datasets import Dataset, DatasetDict
 STS_COLUMNS = ("sentence1", "sentence2", "score")
 
 
+DATA_LAYOUT = "text/pairs and text/retrieval"  # what the shared data folder holds for this package
+
+
+# Copied from rrcm_diffusers.data.default_data_dir with RRCM->CONAN
 def default_data_dir() -> Path:
     """``$CONAN_DATA_DIR``, else ``../shared/data`` relative to the working directory."""
     path = Path(os.environ.get("CONAN_DATA_DIR", Path.cwd().parent / "shared" / "data"))
     if not path.is_dir():
         raise FileNotFoundError(
             f"data folder not found: {path}. Point CONAN_DATA_DIR at the shared data folder "
-            "(the one holding text/pairs and text/retrieval)."
+            f"(the one holding {DATA_LAYOUT})."
         )
     return path
 

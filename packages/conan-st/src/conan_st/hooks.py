@@ -20,25 +20,28 @@ its plugins).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
 import pluggy
+from accelerate.utils import parse_flag_from_env
 
 from . import builtin_plugins, hookspecs
 from .hookspecs import PROJECT, hookimpl  # noqa: F401 - hookimpl: the import plugins of 0.1.0 use
 
 ENTRY_POINT_GROUP = "conan_st.plugins"
+BUILTIN_PLUGINS = {"builtin": builtin_plugins}  # under their entry points' names: loaded once
 
 
+# Copied from rrcm_diffusers.hooks.build_plugin_manager with RRCM->CONAN_ST
 def build_plugin_manager() -> pluggy.PluginManager:
-    """A new manager: the hook specs, the built-ins, and (unless
+    """A new manager: the hook specs, the built-in plugins, and (unless
     ``CONAN_ST_DISABLE_PLUGIN_AUTOLOAD=1``) every plugin of the entry-point group."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(builtin_plugins, name="builtin")  # same name as its entry point
-    if os.environ.get("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes"):
+    for name, plugin in BUILTIN_PLUGINS.items():
+        pm.register(plugin, name=name)
+    if not parse_flag_from_env("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD"):
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
 

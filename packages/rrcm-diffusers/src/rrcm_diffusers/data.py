@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+DATA_LAYOUT = "images/mnist and images/cifar10"  # what the shared data folder holds for this package
+
 
 def default_data_dir() -> Path:
     """``$RRCM_DATA_DIR``, else ``../shared/data`` relative to the working directory."""
@@ -20,7 +22,7 @@ def default_data_dir() -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"data folder not found: {path}. Point RRCM_DATA_DIR at the shared data folder "
-            "(the one holding images/mnist and images/cifar10)."
+            f"(the one holding {DATA_LAYOUT})."
         )
     return path
 

@@ -24,25 +24,27 @@ The built-in ViT is registered the same way (entry point ``vit``). Set
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import pluggy
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 from . import backbones, hookspecs
 from .hookspecs import PROJECT, hookimpl  # noqa: F401 - hookimpl: the import plugins of 0.1.0 use
 
 ENTRY_POINT_GROUP = "rrcm_diffusers.backbones"
+BUILTIN_PLUGINS = {"vit": backbones}  # under their entry points' names: loaded once
 
 
 def build_plugin_manager() -> pluggy.PluginManager:
-    """A new manager: the hook specs, the built-in ViT, and (unless
+    """A new manager: the hook specs, the built-in plugins, and (unless
     ``RRCM_DISABLE_PLUGIN_AUTOLOAD=1``) every plugin of the entry-point group."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(backbones, name="vit")  # same name as its entry point: loaded once
-    if os.environ.get("RRCM_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes"):
+    for name, plugin in BUILTIN_PLUGINS.items():
+        pm.register(plugin, name=name)
+    if not parse_flag_from_env("RRCM_DISABLE_PLUGIN_AUTOLOAD"):
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
 

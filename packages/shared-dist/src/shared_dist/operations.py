@@ -117,7 +117,8 @@ def get_rank(group: dist.ProcessGroup | None = None) -> int:
 
 def is_debug_mode() -> bool:
     flags = (os.environ.get("SHARED_DIST_DEBUG", ""), os.environ.get("ACCELERATE_DEBUG_MODE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+    # accelerate's truthy values (accelerate.utils.str_to_bool), so ACCELERATE_DEBUG_MODE reads alike
+    return any(f.strip().lower() in ("y", "yes", "t", "true", "on", "1") for f in flags)
 
 
 def _collective_timeout() -> timedelta | None:
