@@ -290,6 +290,34 @@ def test_a_cached_stage_is_reused_only_under_its_own_config(tmp_path, data_dir):
         run(_tiny_experiment(data_dir), out, Accelerator(cpu=True), progress=False)
 
 
+@pytest.mark.timeout(300)
+def test_a_run_resumed_after_pretraining_trains_the_same_models(tmp_path, data_dir):
+    import shutil
+
+    from rrcm_diffusers.experiment import run
+
+    cfg = _tiny_experiment(data_dir)
+    cfg["probe"] = {"enabled": True, "train_images": 100, "test_images": 50}
+    cfg["scratch"] = {"enabled": True, "steps": 2}
+    straight = run(cfg, tmp_path / "a", Accelerator(cpu=True), progress=False)
+    # the second run finds pretraining and probes on disk, as after a kill during fine-tuning
+    shutil.copytree(tmp_path / "a" / "pretrain", tmp_path / "b" / "pretrain")
+    for name in ("probe.json", "probe.stage.json"):
+        shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+    resumed = run(cfg, tmp_path / "b", Accelerator(cpu=True), progress=False)
+    assert "pretrain" in straight["timings_s"] and "pretrain" not in resumed["timings_s"]
+    assert resumed["probe"] == straight["probe"]
+    for folder in ("rrcm-sigma0.5", "scratch-sigma0.5"):
+        weights = [
+            (
+                tmp_path / run_dir / folder / "pipeline" / "model" / "diffusion_pytorch_model.safetensors"
+            ).read_bytes()
+            for run_dir in ("a", "b")
+        ]
+        assert weights[0] == weights[1], folder
+    assert [r["acr"] for r in resumed["certified"]] == [r["acr"] for r in straight["certified"]]
+
+
 @pytest.mark.parametrize(
     "shape,entry", [((2, 3, 28, 28), "certify"), ((2, 1, 32, 32), "certify"), ((2, 3, 28, 28), "call")]
 )

@@ -183,7 +183,7 @@ def run(
     for sigma in cfg["sigmas"]:
         methods["rRCM"][sigma] = _finetuned(
             out / f"rrcm-sigma{sigma:g}",
-            lambda s=sigma: online.for_classification(classes),
+            lambda: _seeded(cfg["seed"], online.for_classification, classes),
             section_config(FinetuneConfig, cfg["finetune"], sigma=sigma, seed=cfg["seed"]),
             x_train,
             y_train,
@@ -379,9 +379,15 @@ def _budgets(cfg: dict[str, Any], timings: dict[str, float]) -> list[dict[str, s
     return rows
 
 
-def _fresh(model_kw: dict[str, Any], classes: int, seed: int) -> RRCMModel:
+def _seeded(seed: int, make: Callable[..., RRCMModel], *args: Any, **kwargs: Any) -> RRCMModel:
+    """``make(*args)`` after seeding torch: a new head's init must not depend on what ran before it in
+    this process (a probe, a stage run here rather than loaded from disk), or a resumed run differs."""
     torch.manual_seed(seed)
-    return RRCMModel(**{**model_kw, "projection_dim": 0, "num_classes": classes})
+    return make(*args, **kwargs)
+
+
+def _fresh(model_kw: dict[str, Any], classes: int, seed: int) -> RRCMModel:
+    return _seeded(seed, RRCMModel, **{**model_kw, "projection_dim": 0, "num_classes": classes})
 
 
 def _finetuned(
