@@ -47,3 +47,19 @@ def test_manager_is_built_fresh_and_cached_once(package):
         and {p.__name__ for p in a.get_plugins()} == {p.__name__ for p in b.get_plugins()}
     )
     assert hooks.get_plugin_manager() is hooks.get_plugin_manager()
+
+
+@pytest.mark.parametrize(
+    "package,switch",
+    [("rrcm_diffusers", "RRCM_DISABLE_PLUGIN_AUTOLOAD"), ("conan_st", "CONAN_ST_DISABLE_PLUGIN_AUTOLOAD")],
+)
+def test_the_autoload_switch_takes_accelerates_truth_values_and_names_itself(package, switch, monkeypatch):
+    import importlib
+
+    hooks = importlib.import_module(f"{package}.hooks")
+    for value in ("1", "yes", "on", "0", "false", ""):  # empty: unset, so autoload stays on
+        monkeypatch.setenv(switch, value)
+        hooks.build_plugin_manager()
+    monkeypatch.setenv(switch, "maybe")
+    with pytest.raises(ValueError, match=f"{switch} must be 1/0, true/false, yes/no or on/off, got 'maybe'"):
+        hooks.build_plugin_manager()

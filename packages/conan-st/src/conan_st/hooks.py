@@ -20,11 +20,12 @@ its plugins).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pluggy
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import str_to_bool
 
 from . import builtin_plugins, hookspecs
 from .hookspecs import PROJECT, hookimpl  # noqa: F401 - hookimpl: the import plugins of 0.1.0 use
@@ -41,7 +42,13 @@ def build_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for name, plugin in BUILTIN_PLUGINS.items():
         pm.register(plugin, name=name)
-    if not parse_flag_from_env("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD"):
+    switch = "CONAN_ST_DISABLE_PLUGIN_AUTOLOAD"
+    value = os.environ.get(switch) or "0"
+    try:
+        disabled = str_to_bool(value, to_bool=True)  # accelerate's truth values
+    except ValueError:
+        raise ValueError(f"{switch} must be 1/0, true/false, yes/no or on/off, got {value!r}") from None
+    if not disabled:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
 

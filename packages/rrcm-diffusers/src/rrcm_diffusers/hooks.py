@@ -24,10 +24,11 @@ The built-in ViT is registered the same way (entry point ``vit``). Set
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import pluggy
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import str_to_bool
 from torch import nn
 
 from . import backbones, hookspecs
@@ -44,7 +45,13 @@ def build_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for name, plugin in BUILTIN_PLUGINS.items():
         pm.register(plugin, name=name)
-    if not parse_flag_from_env("RRCM_DISABLE_PLUGIN_AUTOLOAD"):
+    switch = "RRCM_DISABLE_PLUGIN_AUTOLOAD"
+    value = os.environ.get(switch) or "0"
+    try:
+        disabled = str_to_bool(value, to_bool=True)  # accelerate's truth values
+    except ValueError:
+        raise ValueError(f"{switch} must be 1/0, true/false, yes/no or on/off, got {value!r}") from None
+    if not disabled:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
 
