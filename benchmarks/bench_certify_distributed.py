@@ -1,13 +1,13 @@
 """Certifying a test set on 2 processes vs 1 (``rrcm_diffusers.dataset_certification``), same images.
 
 Both runs: the CLI on the same MNIST test images, each process one thread (OMP_NUM_THREADS=1), one
-after the other in this run; the model of an experiment config (default: the main job's,
+after the other, in a rotating order over ``--rounds`` rounds (median [min, max] printed); the model of an experiment config (default: the main job's,
 examples/rrcm/configs/mnist_main.yaml) with fresh weights (weights do not change the cost) unless
 ``--pipeline`` names a saved one. Prints the certification loop's wall time (the CLI's ``wall_s``)
 and the whole command's, and the speed-up 1 process / 2 processes (target >= 1.8x), and checks that
 both runs wrote the same certificates.
 
-    python benchmarks/bench_certify_distributed.py [--images 40] [--n 1000]
+    python benchmarks/bench_certify_distributed.py [--images 40] [--n 1000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine
+from _common import interleave, machine, ratios, spread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "examples/rrcm/configs/mnist_main.yaml"))
     parser.add_argument("--pipeline", default=None)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     print(machine())
     tmp = Path(tempfile.mkdtemp(prefix="bench_certify_distributed_"))
@@ -57,31 +58,48 @@ def main() -> None:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "0"]  # fmt: skip
-    runs = {}
-    for name, prefix, extra in (
-        ("1 process", [sys.executable], {}),
-        ("2 processes", launch, {"ACCELERATE_USE_CPU": "true"}),
-    ):
+    walls: dict[str, list[float]] = {}
+
+    def run(name: str, prefix: list[str], extra: dict[str, str]) -> float:
+        """One CLI run into a fresh folder; the certification loop's wall time (the CLI's wall_s)."""
+        out = tmp / f"{name.replace(' ', '_')}_{len(walls.setdefault(name, []))}"
         start = time.perf_counter()
         proc = subprocess.run(
-            [*prefix, *cli, "--out", str(tmp / name.replace(" ", "_"))],
-            env={**env, **extra}, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        total = time.perf_counter() - start
+            [*prefix, *cli, "--out", str(out)],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-        runs[name] = (row["wall_s"], total)
-        print(f"{name:12s} certification {row['wall_s']:7.1f} s   whole command {total:7.1f} s")
+        walls[name].append(time.perf_counter() - start)  # the whole command
+        return row["wall_s"]
+
+    cert = interleave(
+        {
+            "1 process": lambda: run("1 process", [sys.executable], {}),
+            "2 processes": lambda: run("2 processes", launch, {"ACCELERATE_USE_CPU": "true"}),
+        },
+        args.rounds,
+    )
     records = [
         [{k: v for k, v in json.loads(line).items() if k != "seconds"}
          for line in (tmp / d / "certificates.jsonl").read_text().splitlines()]
-        for d in ("1_process", "2_processes")
+        for d in ("1_process_0", "2_processes_0")
     ]  # fmt: skip
     same = sorted(records[0], key=lambda r: r["index"]) == sorted(records[1], key=lambda r: r["index"])
-    (one, one_total), (two, two_total) = runs["1 process"], runs["2 processes"]
-    print(f"speed-up 1 process / 2 processes: certification {one / two:.2f}x (target >= 1.8x), "
-          f"whole command {one_total / two_total:.2f}x; identical certificates: {same}")  # fmt: skip
+    print(f"median [min, max] over {args.rounds} interleaved rounds:")
+    for name in cert:
+        print(
+            f"{name:12s} certification {spread(cert[name], '.1f')} s   whole command {spread(walls[name], '.1f')} s"
+        )
+    print(
+        f"speed-up 1 process / 2 processes: certification {spread(ratios(cert['1 process'], cert['2 processes']), '.2f')}x"
+        f" (target >= 1.8x), whole command {spread(ratios(walls['1 process'], walls['2 processes']), '.2f')}x;"
+        f" identical certificates: {same}"
+    )
     print(f"({args.images} images, n0 = 100, n = {args.n}, batch {args.batch_size}, each process 1 thread)")
 
 

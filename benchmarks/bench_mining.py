@@ -8,7 +8,9 @@
 3. Peak memory of torch search over a 1M x 384 float32 corpus, in a fresh process, as a
    multiple of the embedding matrix (target: about 2x or less).
 
-    python benchmarks/bench_mining.py [--corpus 100000] [--memory-corpus 1000000]
+Parts 1 and 2 interleave the two sides over ``--rounds`` rounds and print median [min, max].
+
+    python benchmarks/bench_mining.py [--corpus 100000] [--memory-corpus 1000000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
 import warnings
 
-from _common import machine
+from _common import interleave, machine, ratios, spread
 
 
 def _memory_probe(n: int, d: int) -> None:
@@ -43,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=int, default=100_000)
     parser.add_argument("--memory-corpus", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--probe", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -76,10 +80,6 @@ def main() -> None:
     mine_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     cb.store.observe(torch.arange(q), torch.rand(q, generator=g))
-    cb._observe(torch.arange(q), torch.rand(q, generator=g) * 0.5)
-    t0 = time.perf_counter()
-    summary = cb.check_now()
-    check_s = time.perf_counter() - t0
     ds = cb.train_dataset(pairs, balanced=False)
     rows = [ds[i] for i in range(16)]
     feats = [
@@ -87,44 +87,61 @@ def main() -> None:
         for c in ["anchor", "positive", *[f"negative_{t}" for t in range(1, 5)]]
     ]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    steps = []
-    for _ in range(4):
+    advanced = []
+
+    def check_ms() -> float:
+        cb._observe(torch.arange(q), torch.rand(q, generator=g) * 0.5)  # fresh scores: the rule has work
+        t0 = time.perf_counter()
+        advanced.append(cb.check_now()["advanced"])
+        return 1000 * (time.perf_counter() - t0)
+
+    def step_ms() -> float:
         t0 = time.perf_counter()
         sum(loss(feats, None).values()).backward()
         opt.step()
         opt.zero_grad()
-        steps.append(time.perf_counter() - t0)
-    step_s = sorted(steps)[len(steps) // 2]
+        return 1000 * (time.perf_counter() - t0)
+
+    step_ms()  # warm-up
+    t = interleave({"check": check_ms, "step": step_ms}, args.rounds)
     t0 = time.perf_counter()
     rescore(model, cb.store, cb.queries, cb.corpus, list(range(256)))
     rescore_s = time.perf_counter() - t0
+    step_s = statistics.median(t["step"]) / 1000
     print(f"initial mining of {q} queries over {len(cb.corpus)} docs: {mine_s:.1f} s")
-    print(f"one check (loss scores, {q} examples, {summary['advanced']} advanced): {1000 * check_s:.2f} ms")
-    print(f"one training step (batch 16, 4 negatives): {1000 * step_s:.0f} ms")
-    print(f"check / step = {check_s / step_s:.4f}   (target <= 1)")
+    print(f"median [min, max] over {args.rounds} interleaved rounds:")
+    print(
+        f"one check (loss scores, {q} examples, {statistics.median(advanced):.0f} advanced): {spread(t['check'])} ms"
+    )
+    print(f"one training step (batch 16, 4 negatives): {spread(t['step'], '.0f')} ms")
+    print(f"check / step = {spread(ratios(t['check'], t['step']), '.4f')}   (target <= 1)")
     print(f"rescore check, 256 examples: {rescore_s:.1f} s = {rescore_s / step_s:.1f} steps")
 
-    # 2. throughput
+    # 2. throughput, torch vs faiss interleaved
     d = 384
     corpus = torch.nn.functional.normalize(torch.randn(args.corpus, d, generator=g), dim=-1)
     queries = torch.nn.functional.normalize(torch.randn(1000, d, generator=g), dim=-1)
-    res = {}
-    for name, backend in (("torch", TorchSearch()), ("faiss", FaissSearch())):
-        backend.search(queries[:10], corpus, 100)
+    backends, found = {"torch": TorchSearch(), "faiss": FaissSearch()}, {}
+
+    def search_s(name: str) -> float:
+        backends[name].search(queries[:10], corpus, 100)
         t0 = time.perf_counter()
-        _, idx = backend.search(queries, corpus, 100)
-        res[name] = (time.perf_counter() - t0, idx)
+        _, found[name] = backends[name].search(queries, corpus, 100)
+        return time.perf_counter() - t0
+
+    res = interleave({name: (lambda name=name: search_s(name)) for name in backends}, args.rounds)
     overlap = (
-        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(res["torch"][1], res["faiss"][1])) / 1e5
+        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found["torch"], found["faiss"])) / 1e5
     )
-    for name, (secs, _) in res.items():
+    for name, secs in res.items():
         print(
-            f"{name:>5}: 1000 queries x {args.corpus} docs, top-100 in {secs:.2f} s = {1000 / secs:.0f} queries/s, "
-            f"{args.corpus * 1000 / secs / 1e6:.1f} M query-doc scores/s"
+            f"{name:>5}: 1000 queries x {args.corpus} docs, top-100 in {spread(secs, '.2f')} s = "
+            f"{args.corpus * 1000 / statistics.median(secs) / 1e6:.1f} M query-doc scores/s (median)"
         )
     # float32 sums in another order can swap near-ties at rank ~100; the sets should agree
     print(
-        f"faiss / torch time: {res['faiss'][0] / res['torch'][0]:.2f}; top-100 overlap torch vs faiss: {100 * overlap:.2f}%"
+        f"faiss / torch time: {spread(ratios(res['faiss'], res['torch']), '.2f')}; "
+        f"top-100 overlap torch vs faiss: {100 * overlap:.2f}%"
     )
 
     # 3. memory, in a fresh process so the peak is this search's alone
