@@ -31,11 +31,11 @@ images = torch.rand(2, 1, 28, 28, generator=_g)  # test images in [0, 1]
 """
 
 RRCM_EPILOGUE = """
-import json
+import json, sys
 _again = RRCMPipeline.from_pretrained("my-rrcm").certify(
     images, sigma=0.5, n0=100, n=10_000, alpha=0.001, generator=torch.Generator().manual_seed(0)
 )
-print("RESULT " + json.dumps({
+sys.stdout.write("RESULT " + json.dumps({
     "steps": step + 1,
     "total_steps": total_steps,
     "ema_moved": any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(
@@ -44,7 +44,8 @@ print("RESULT " + json.dumps({
     "radii": out.radii.tolist(),
     "reloaded_predictions": _again.predictions.tolist(),
     "reloaded_radii": _again.radii.tolist(),
-}))
+}) + "\n")  # one write: the ranks share stdout
+sys.stdout.flush()
 """
 
 CONAN_PRELUDE = """
@@ -63,8 +64,8 @@ sts = _train.select(range(64))
 """
 
 CONAN_EPILOGUE = """
-import json, torch.distributed as _dist
-print("RESULT " + json.dumps({
+import json, sys, torch.distributed as _dist
+sys.stdout.write("RESULT " + json.dumps({
     "rank": _dist.get_rank() if _dist.is_initialized() else 0,
     "world_size": _dist.get_world_size() if _dist.is_initialized() else 1,
     "global_step": trainer.state.global_step,
@@ -75,7 +76,8 @@ print("RESULT " + json.dumps({
         b"".join(v.detach().cpu().contiguous().numpy().tobytes() for _, v in sorted(model.state_dict().items()))
     ).hexdigest(),
     "base_weights": float(sum(p.double().sum() for p in SentenceTransformer("%s").parameters())),
-}))
+}) + "\n")  # one write: the ranks share stdout
+sys.stdout.flush()
 """
 
 
@@ -127,6 +129,13 @@ def hub_cache(root: Path) -> Path:
     return root
 
 
+def result_records(stdout: str) -> list[dict]:
+    """Every ``RESULT {...}`` record in ``stdout``, wherever it starts: ranks share stdout, and a
+    record may follow another's text on the same line."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(chunk.lstrip())[0] for chunk in stdout.split("RESULT ")[1:]]
+
+
 def run_script(
     script: Path, cwd: Path, python: str = sys.executable, processes: int = 1, timeout: float = 600, env=None
 ) -> list[dict]:
@@ -150,7 +159,7 @@ def run_script(
         raise AssertionError(
             f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = result_records(proc.stdout)
     if len(results) != processes:
         raise AssertionError(f"expected {processes} RESULT lines, got {len(results)}:\n{proc.stdout[-3000:]}")
     return results

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 
 from shared_dist.testing import free_port
-from tests.readme_snippets import hub_cache, run_script, write_script
+from tests.readme_snippets import hub_cache, result_records, run_script, write_script
 
 
 @pytest.mark.slow
@@ -48,7 +47,7 @@ def test_two_machines_train_the_readme_block_as_one_machine_with_two_processes(t
     for m in machines:
         out, err = m.communicate(timeout=600)
         assert m.returncode == 0, err[-3000:]
-        two += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        two += result_records(out)
     two.sort(key=lambda r: r["rank"])
     assert [r["rank"] for r in two] == [0, 1] and all(r["world_size"] == 2 for r in two)
     assert [r["global_step"] for r in two] == [r["global_step"] for r in one] == [18, 18]
