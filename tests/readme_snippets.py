@@ -44,7 +44,7 @@ sys.stdout.write("RESULT " + json.dumps({
     "radii": out.radii.tolist(),
     "reloaded_predictions": _again.predictions.tolist(),
     "reloaded_radii": _again.radii.tolist(),
-}) + "\n")  # one write: the ranks share stdout
+}) + "\\n")  # one write: the ranks share stdout
 sys.stdout.flush()
 """
 
@@ -76,7 +76,7 @@ sys.stdout.write("RESULT " + json.dumps({
         b"".join(v.detach().cpu().contiguous().numpy().tobytes() for _, v in sorted(model.state_dict().items()))
     ).hexdigest(),
     "base_weights": float(sum(p.double().sum() for p in SentenceTransformer("%s").parameters())),
-}) + "\n")  # one write: the ranks share stdout
+}) + "\\n")  # one write: the ranks share stdout
 sys.stdout.flush()
 """
 
