@@ -339,20 +339,22 @@ def run(
                     certified={k: v for k, v in row.items() if k.startswith("r=")} | {"ACR": row["acr"]},
                 )
         summary["certified"] = rows
-        summary["budgets"] = _budgets(cfg, summary["timings_s"])
+        summary["budgets"] = _budgets(cfg, summary["timings_s"], baselines)
         summary["report"] = {k: str(v) for k, v in paths.items()}
         summary["table_md"] = markdown_table(rows) + uncertainty_tables(rows)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _budgets(cfg: dict[str, Any], timings: dict[str, float]) -> list[dict[str, str]]:
+def _budgets(
+    cfg: dict[str, Any], timings: dict[str, float], baselines: dict[str, tuple[Any, ...]]
+) -> list[dict[str, str]]:
     """Optimizer steps and wall seconds per method, per σ ("cached": a stage reused from disk)."""
 
     def wall(stage: str) -> str:
         return " / ".join(str(timings.get(f"{stage}_{s:g}", "cached")) for s in cfg["sigmas"])
 
-    p, f, c, d = cfg["pretrain"], cfg["finetune"], cfg["cohen"], cfg["dds"]
+    p, f, d = cfg["pretrain"], cfg["finetune"], cfg["dds"]
     rows = [
         {
             "method": "rRCM",
@@ -360,12 +362,8 @@ def _budgets(cfg: dict[str, Any], timings: dict[str, float]) -> list[dict[str, s
             "wall_s": f"{timings.get('pretrain', 'cached')} (shared) + {wall('finetune_rrcm')}",
         }
     ]
-    if c["enabled"]:
-        name = "Cohen+consistency" if c["consistency"] else "Cohen"
-        rows.append({"method": name, "steps": str(c["steps"]), "wall_s": wall("train_cohen")})
-    if cfg["scratch"]["enabled"]:
-        steps = cfg["scratch"]["steps"] or p["steps"] + f["steps"]
-        rows.append({"method": "scratch+consistency", "steps": str(steps), "wall_s": wall("train_scratch")})
+    for name, (_, stage, config_for, _) in baselines.items():  # the configs they were trained with
+        rows.append({"method": name, "steps": str(config_for(cfg["sigmas"][0]).steps), "wall_s": wall(stage)})
     if d["enabled"]:
         rows.append(
             {
