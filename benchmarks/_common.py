@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
 # CPU flags that change what torch's kernels can do (fp32 GEMM width, bf16 and int8 paths)
@@ -47,6 +48,26 @@ def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[st
         for name in names[i % len(names) :] + names[: i % len(names)]:
             out[name].append(variants[name]())
     return out
+
+
+def median_time(fn: Callable[[], object], iters: int) -> float:
+    """Seconds per call of ``fn``: the median of ``iters`` calls, each started together on every rank
+    (a barrier), then the max over ranks, since the slowest rank sets the pace of a collective."""
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    samples = []
+    for _ in range(iters):
+        if distributed:
+            dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(samples)])
+    if distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def spread(samples: Sequence[float], fmt: str = ".3f") -> str:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 import warnings
 
-from _common import interleave, machine, ratios, spread
+from _common import interleave, machine, median_time, ratios, spread
 
 
 def _features(model, texts):
@@ -69,7 +67,6 @@ def _setup(name: str, batch: int, negatives: int):
 
 def _bench(batch: int, negatives: int, iters: int, rounds: int) -> dict[str, list[float]]:
     import torch
-    import torch.distributed as dist
 
     import shared_dist
 
@@ -79,22 +76,11 @@ def _bench(batch: int, negatives: int, iters: int, rounds: int) -> dict[str, lis
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))  # no oversubscribed cores
     steps = {name: _setup(name, batch, negatives) for name in ("mnrl", "cbb")}
 
-    def timed(step) -> float:
-        times = []
-        for _ in range(iters):
-            if world > 1:
-                dist.barrier()
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times)])
-        if world > 1:  # the slowest rank sets the pace
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
-
     for step in steps.values():  # warm-up
         step(), step()
-    return interleave({name: (lambda step=step: timed(step)) for name, step in steps.items()}, rounds)
+    return interleave(
+        {name: (lambda step=step: median_time(step, iters)) for name, step in steps.items()}, rounds
+    )
 
 
 def main() -> None:

@@ -15,27 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 import warnings
 
 import torch
 import torch.distributed as dist
-from _common import interleave, machine, ratios, spread
+from _common import interleave, machine, median_time, ratios, spread
 
 SIZES = [(64, 256), (256, 768), (1024, 768), (4096, 1024)]
-
-
-def _time(fn, iters: int) -> float:
-    samples = []
-    for _ in range(iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    # the slowest rank sets the pace of a collective: take the max over ranks
-    t = torch.tensor([statistics.median(samples)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() * 1e3
 
 
 def _count_calls(calls: dict) -> None:
@@ -86,7 +72,7 @@ def _measure(b: int, d: int, iters: int, rounds: int, calls: dict) -> dict:
         collectives.append(calls["n"])
     times = interleave(
         {
-            name: (lambda fn=fn: _time(fn, iters))
+            name: (lambda fn=fn: 1e3 * median_time(fn, iters))
             for name, fn in (("torch", theirs), ("ours", ours), ("uneven", uneven))
         },
         rounds,

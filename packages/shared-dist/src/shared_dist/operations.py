@@ -321,7 +321,8 @@ def _all_gather_rows(
 
 
 class _Gather(torch.autograd.Function):
-    """All-gather along dim 0 with per-rank sizes; backward = reduce-scatter (SUM)."""
+    """All-gather along dim 0 with per-rank sizes; backward = reduce-scatter (SUM), on gloo as an
+    all-to-all plus a local sum."""
 
     @staticmethod
     def forward(
@@ -390,9 +391,9 @@ def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup 
     Gradients follow the rule in this module's docstring: the backward pass sums the
     gradients all ranks send to a row, so DDP's averaging yields the single-process
     gradient. Costs one all-gather forward (the sizes, shapes and dtypes travel with
-    the data) and one reduce-scatter backward (an all-to-all and a local sum on gloo). The data are sent padded to the largest
-    rank's size in the previous call at the same place: a first call, or one whose data
-    outgrow that, pays a second all-gather.
+    the data) and one reduce-scatter backward (on gloo an all-to-all and a local sum).
+    The data are sent padded to the largest rank's size in the previous call at the
+    same place: a first call, or one whose data outgrow that, pays a second all-gather.
     """
     if not is_distributed(group):
         if not return_offsets:
