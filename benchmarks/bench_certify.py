@@ -59,11 +59,11 @@ def main() -> None:
     from rrcm_diffusers import RRCMModel, RRCMPipeline
     from rrcm_diffusers.experiment import cm_scheduler, load_config
     from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
-    from rrcm_diffusers.trajectory import grid_sigma_for_sigma
+    from rrcm_diffusers.trajectory import noise_level_for_sigma
 
     print(machine())
     torch.manual_seed(0)
-    model_cfg = load_config(args.config)["model"]
+    model_cfg = load_config(args.config).model
     print(f"model: {model_cfg} ({args.config})")
     kw = {**model_cfg, "projection_dim": 0, "num_classes": 10}
     clf = RRCMModel(**kw).eval()
@@ -95,7 +95,7 @@ def main() -> None:
         return 1000 * t / (len(imgs) * (n0 + args.n))  # ms per noise sample
 
     # the bare loop: the same model, the same batch shapes, inputs drawn beforehand, nothing else
-    level = grid_sigma_for_sigma(sigma, rrcm.scheduler.config.num_train_timesteps)
+    level = noise_level_for_sigma(sigma, rrcm.scheduler.config.num_train_timesteps)
     shapes = [min(args.batch, n0 - s) for s in range(0, n0, args.batch)]
     shapes += [min(args.batch, args.n - s) for s in range(0, args.n, args.batch)]
     xs = {b: torch.randn(b, 1, 28, 28) for b in set(shapes)}

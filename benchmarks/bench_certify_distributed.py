@@ -46,7 +46,7 @@ def main() -> None:
         from rrcm_diffusers.experiment import load_config
 
         torch.manual_seed(0)
-        model = RRCMModel(**{**load_config(args.config)["model"], "projection_dim": 0, "num_classes": 10})
+        model = RRCMModel(**{**load_config(args.config).model, "projection_dim": 0, "num_classes": 10})
         pipeline = str(tmp / "pipeline")
         RRCMPipeline(model=model).save_pretrained(pipeline)
     cli = ["-m", "rrcm_diffusers.dataset_certification", "--pipeline", pipeline, "--dataset", "mnist",

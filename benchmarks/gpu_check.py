@@ -45,7 +45,7 @@ def main() -> None:
     from rrcm_diffusers import RRCMModel, RRCMPipeline
     from rrcm_diffusers.certification import certify
     from rrcm_diffusers.training import FinetuneConfig, PretrainConfig, finetune, pretrain
-    from rrcm_diffusers.trajectory import grid_sigma_for_sigma
+    from rrcm_diffusers.trajectory import noise_level_for_sigma
 
     device = torch.device(args.device)
     q = args.quick
@@ -91,10 +91,10 @@ def main() -> None:
     model = RRCMModel(**{**kw, "projection_dim": 0, "num_classes": 10}).eval().to(device)
     test = torch.rand(4 if q else 20, 3, 32, 32, generator=g)
     sigma, n0, n = 0.5, 100, 500 if q else 10_000
-    grid_sigma = grid_sigma_for_sigma(sigma)
+    level = noise_level_for_sigma(sigma)
 
     def classifier(x: torch.Tensor) -> torch.Tensor:
-        return model(x * 2 - 1, grid_sigma).logits
+        return model(x * 2 - 1, level).logits
 
     with FlopCounterMode(display=False) as counter:
         classifier(torch.rand(8, 3, 32, 32, device=device))

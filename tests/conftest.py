@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DATA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,9 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one default for both packages: only the built-in plugins; tests of entry-point loading opt in
 os.environ.setdefault("RRCM_DISABLE_PLUGIN_AUTOLOAD", "1")
 os.environ.setdefault("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

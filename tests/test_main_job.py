@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def run_job(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGES = {
     "rrcm_diffusers": (REPO / "packages/rrcm-diffusers/src/rrcm_diffusers", "backbones.py"),

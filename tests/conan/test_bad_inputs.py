@@ -12,7 +12,7 @@ from datasets import Dataset
 from conan_st import CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, NegativeStore
 from conan_st.mining import mine_candidates
 from conan_st.sampler import _positive_int
-from tests.conan.test_training import collate, retrieval_ds
+from tests.conan.helpers import collate, retrieval_ds
 
 LOSS_CASES = {
     "sts_weight nan": (dict(sts_weight=math.nan), "sts_weight must be a finite number >= 0"),

@@ -26,7 +26,7 @@ from conan_st.builtin_plugins import PositiveRatioFilter
 from conan_st.mining import MAX_EXAMPLE_ID, id_to_label, label_to_id
 from shared_dist import DistributedOperationError
 from shared_dist.testing import launch
-from tests.conan.helpers import DOCS, PAIRS, _model, sts_rows
+from tests.conan.helpers import DOCS, PAIRS, load_minilm, sts_rows
 
 ENV = {"CONAN_ST_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -97,7 +97,7 @@ def _train(model, cfg: dict, out: str) -> dict:
 
 def _w_trainer(configs: list[dict]) -> list[dict]:
     os.environ["ACCELERATE_USE_CPU"] = "true"
-    model = _model()
+    model = load_minilm()
     return [_train(model, cfg, tempfile.mkdtemp()) for cfg in configs]
 
 
@@ -211,15 +211,44 @@ def test_train_dataset_refuses_pairs_it_was_not_mined_for(minilm):
         cb.train_dataset(PAIRS.select(range(23)))
 
 
+def _w_sharded_rescore() -> dict:
+    from conan_st import callbacks
+
+    model = load_minilm()
+    cb = _callback(model, score_source="rescore")
+    asked: list[list[int]] = []
+    real = callbacks.rescore
+
+    def spy(*args):  # the real re-scoring, recording which examples this rank re-embeds
+        asked.append(list(args[4]))
+        return real(*args)
+
+    callbacks.rescore = spy
+    cb.check_now(model)
+    return {"asked": asked, "s_cur": cb.store.s_cur.tolist()}
+
+
+@pytest.mark.timeout(300)
+def test_rescoring_is_sharded_across_ranks_and_merged():
+    ranks = launch(_w_sharded_rescore, 2, timeout=240, env=ENV)
+    n = len(PAIRS)
+    assert [r["asked"] for r in ranks] == [[list(range(0, n, 2))], [list(range(1, n, 2))]]
+    assert ranks[0]["s_cur"] == ranks[1]["s_cur"]  # every rank decides on the same merged scores
+    model = load_minilm()
+    single = _callback(model, score_source="rescore")
+    single.check_now(model)
+    torch.testing.assert_close(torch.tensor(ranks[0]["s_cur"]), single.store.s_cur, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------ item 4: shared queries checked
 
 
 def _w_loss_with_rank_queries(same: bool):
     import torch.distributed as dist
 
-    from tests.conan.test_training import collate
+    from tests.conan.helpers import collate
 
-    model = _model()
+    model = load_minilm()
     rank = dist.get_rank()
     k = 0 if same else rank
     rows = [
@@ -272,7 +301,7 @@ def _mining_trainer(model, loss, cb, out, steps, save_steps):
 
 def _run(tmp, steps, resume=None, save_steps=4):
     torch.manual_seed(0)
-    model = _model()
+    model = load_minilm()
     loss = CrossGPUBalancingLoss(model)
     # tiny ratio: every observed example with S_init > 0 is "easy" at the next check, so windows move
     cb = _callback(model, loss, interval=3, ratio=1e-6, abs_bound=1.0)

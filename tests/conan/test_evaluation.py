@@ -7,7 +7,7 @@ import json
 from mteb.results import TaskResult
 
 from conan_st.evaluation import main
-from tests.conan.conftest import minilm_path
+from tests.conan.helpers import minilm_path
 
 
 def test_cli_writes_table_and_mteb_result_files(tmp_path, data_dir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conan_st.experiment import evaluate, train_recipe
-from tests.conan.conftest import minilm_path
+from tests.conan.helpers import minilm_path
 
 
 @pytest.mark.slow

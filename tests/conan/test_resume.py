@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conan_st import last_complete_checkpoint
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STEPS = 8  # 24 pairs in batches of 8: 3 steps an epoch; mining checks at 3 and 6; saves every 2
 
@@ -30,7 +30,7 @@ JOB = textwrap.dedent(
     from transformers.trainer_callback import TrainerState
     from conan_st import (CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, TaskBalancedBatchSampler,
                           last_complete_checkpoint, make_balanced_datasets)
-    from tests.conan.helpers import DOCS, PAIRS, _model, sts_rows
+    from tests.conan.helpers import DOCS, PAIRS, load_minilm, sts_rows
 
     out, steps, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     where, _, at = kill.partition(":")
@@ -59,7 +59,7 @@ JOB = textwrap.dedent(
         TrainerState.save_to_json = half_then_die
 
     torch.manual_seed(0)
-    model = _model()
+    model = load_minilm()
     loss = CrossGPUBalancingLoss(model)
     cb = DynamicHardNegativeMiningCallback.from_pairs(
         model, PAIRS, num_negatives=2, depth=30, skip=10, extra_documents=DOCS, loss=loss,

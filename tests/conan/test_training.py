@@ -8,46 +8,17 @@ import pytest
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.base.data_collator import BaseDataCollator
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
 
 import shared_dist
 from conan_st import CrossGPUBalancingLoss, TaskBalancedBatchSampler, make_balanced_datasets
 from shared_dist.testing import launch
-
-QUERIES = [f"question number {i} about topic {i % 5}" for i in range(12)]
-DOCS = [f"document {i} answers the question about topic {i % 5} with detail {i}" for i in range(12)]
-
-
-def retrieval_ds(n=12, m=2) -> Dataset:
-    """n distinct queries and positives; negatives from a pool of other texts, shared across rows."""
-    cols = {"anchor": QUERIES[:n], "positive": DOCS[:n]}
-    for t in range(1, m + 1):
-        cols[f"negative_{t}"] = [f"an unrelated note {(i + t) % 7} on topic {i % 5}" for i in range(n)]
-    return Dataset.from_dict(cols)
-
-
-def sts_ds(n=10) -> Dataset:
-    return Dataset.from_dict(
-        {
-            "sentence1": [f"a person is doing activity {i}" for i in range(n)],
-            "sentence2": [f"someone does activity {i if i % 2 else i + 1}" for i in range(n)],
-            "score": [5.0 if i % 2 else 1.0 for i in range(n)],
-        }
-    )
-
-
-def collate(model, rows: list[dict]):
-    batch = BaseDataCollator(preprocess_fn=model.preprocess)(rows)
-    feats = []
-    for col in [c for c in rows[0] if c != "score"]:
-        feats.append({k[len(col) + 1 :]: v for k, v in batch.items() if k.startswith(col + "_")})
-    return feats, batch.get("label")
+from tests.conan.helpers import collate, retrieval_ds, sts_rows
 
 
 def mixed_rows(n_ret=3, n_sts=4):
-    dd = make_balanced_datasets(retrieval_ds(), sts_ds(max(n_sts, 10)))
+    dd = make_balanced_datasets(retrieval_ds(), sts_rows(max(n_sts, 10)))
     return [dd["retrieval"][i] for i in range(n_ret)] + [dd["sts"][i] for i in range(n_sts)]
 
 
@@ -141,7 +112,7 @@ def test_trainer_every_step_carries_both_tasks(fresh_minilm, tmp_path):
         ),
     )
     trainer = SentenceTransformerTrainer(
-        model=minilm, args=args, train_dataset=make_balanced_datasets(retrieval_ds(), sts_ds()), loss=loss
+        model=minilm, args=args, train_dataset=make_balanced_datasets(retrieval_ds(), sts_rows()), loss=loss
     )
     trainer.train()
     assert seen == [(4, 6)] * 3
@@ -189,7 +160,7 @@ def test_fit_path_trains(fresh_minilm, tmp_path, monkeypatch):
 
 
 def _w_sampler(retrieval_ranks):
-    dd = make_balanced_datasets(retrieval_ds(n=8), sts_ds(n=5))
+    dd = make_balanced_datasets(retrieval_ds(n=8), sts_rows(n=5))
     concat = ConcatDataset([dd["retrieval"], dd["sts"]])
     stub = [BatchSampler(SequentialSampler(range(len(d))), 2, True) for d in (dd["retrieval"], dd["sts"])]
     sampler = TaskBalancedBatchSampler(
@@ -229,15 +200,15 @@ def test_sampler_single_process_mixes_both_tasks():
 @pytest.mark.parametrize(
     "retrieval,sts,match",
     [
-        (retrieval_ds().remove_columns("positive"), sts_ds(), r"missing \['positive'\]"),
-        (retrieval_ds().add_column("extra", ["x"] * 12), sts_ds(), r"unexpected \['extra'\]"),
-        (retrieval_ds(), sts_ds().rename_column("score", "sim"), r"missing \['score'\]"),
+        (retrieval_ds().remove_columns("positive"), sts_rows(), r"missing \['positive'\]"),
+        (retrieval_ds().add_column("extra", ["x"] * 12), sts_rows(), r"unexpected \['extra'\]"),
+        (retrieval_ds(), sts_rows().rename_column("score", "sim"), r"missing \['score'\]"),
         (
             retrieval_ds(),
             Dataset.from_dict({"sentence1": ["a"], "sentence2": ["b"], "score": [7.0]}),
             r"scores must lie in \(0.0, 5.0\)",
         ),
-        (retrieval_ds(), sts_ds().select([]), "each task needs data"),
+        (retrieval_ds(), sts_rows().select([]), "each task needs data"),
     ],
 )
 def test_bad_datasets(retrieval, sts, match):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from rrcm_diffusers import RRCMModel, RRCMPipeline
 from rrcm_diffusers.certification import certify, predict
 from rrcm_diffusers.training import FinetuneConfig, PretrainConfig, finetune, latest_checkpoint, pretrain
-from tests.rrcm.conftest import tiny_model
+from tests.rrcm.helpers import tiny_model
 
 IMAGES = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -294,11 +294,11 @@ def test_a_cached_stage_is_reused_only_under_its_own_config(tmp_path, data_dir):
 def test_a_run_resumed_after_pretraining_trains_the_same_models(tmp_path, data_dir):
     import shutil
 
-    from rrcm_diffusers.experiment import run
+    from rrcm_diffusers.experiment import ProbeConfig, ScratchConfig, run
 
     cfg = _tiny_experiment(data_dir)
-    cfg["probe"] = {"enabled": True, "train_images": 100, "test_images": 50}
-    cfg["scratch"] = {"enabled": True, "steps": 2}
+    cfg.probe = ProbeConfig(enabled=True, train_images=100, test_images=50)
+    cfg.scratch = ScratchConfig(enabled=True, steps=2)
     straight = run(cfg, tmp_path / "a", Accelerator(cpu=True), progress=False)
     # the second run finds pretraining and probes on disk, as after a kill during fine-tuning
     shutil.copytree(tmp_path / "a" / "pretrain", tmp_path / "b" / "pretrain")
@@ -380,3 +380,19 @@ def test_experiment_config_names_the_file(tmp_path):
         ValueError, match=rf"unknown key 'alhpa' in section 'certify' of {cfg}.*did you mean 'alpha'"
     ):
         load_config(cfg)
+
+
+def test_experiment_config_is_typed_per_section_and_round_trips(tmp_path):
+    from rrcm_diffusers.experiment import CertifyConfig, CohenConfig, ExperimentConfig, load_config
+
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("certify: {n: 500}\ncohen: {consistency: true}\npretrain: {steps: 7}\n")
+    cfg = load_config(cfg_file, certify={"alpha": 0.01})
+    assert isinstance(cfg.certify, CertifyConfig) and isinstance(cfg.cohen, CohenConfig)
+    # each key comes from the YAML, the overrides or the section's default, one level deep
+    assert (cfg.certify.n, cfg.certify.alpha, cfg.certify.n0) == (500, 0.01, CertifyConfig().n0)
+    assert cfg.pretrain == {**ExperimentConfig().pretrain, "steps": 7}
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    # the Cohen baseline's trainer config follows its section
+    ft = cfg.cohen.finetune_config(0.5, seed=3)
+    assert (ft.num_noise_samples, ft.consistency_weight, ft.seed, ft.probe_steps) == (2, None, 3, 0)

@@ -7,8 +7,8 @@ from scipy.stats import norm
 
 from rrcm_diffusers import RRCMPipeline, certify, predict
 from rrcm_diffusers.certification import ABSTAIN, average_certified_radius, certified_accuracy
-from rrcm_diffusers.trajectory import grid_sigma_for_sigma
-from tests.rrcm.conftest import tiny_model
+from rrcm_diffusers.trajectory import noise_level_for_sigma
+from tests.rrcm.helpers import tiny_model
 
 
 def constant(k: int = 3, cls: int = 1):
@@ -118,7 +118,7 @@ def test_pipeline_classifier_maps_to_model_space_without_touching_its_input():
     with torch.inference_mode():  # the same (fast) path as the reference below
         logits = pipe.base_classifier(0.5)(x)  # (B, K)
     assert torch.equal(x, before)  # the fast path may not write into the caller's tensor
-    level = grid_sigma_for_sigma(0.5, pipe.scheduler.config.num_train_timesteps)
+    level = noise_level_for_sigma(0.5, pipe.scheduler.config.num_train_timesteps)
     with torch.inference_mode():
         expected = pipe.model.eval()(2 * before - 1, level).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)

@@ -15,8 +15,8 @@ import torch
 from rrcm_diffusers import RRCMPipeline
 from rrcm_diffusers.dataset_certification import certify_dataset, load_pipeline, read_records, report_row
 from shared_dist.testing import launch
-from tests.conftest import REPO
-from tests.rrcm.conftest import tiny_model
+from tests.helpers import REPO
+from tests.rrcm.helpers import tiny_model
 
 N0, N, SIGMA = 20, 300, 0.25
 TIMING = ("seconds", "ms_per_noise_sample", "wall_s")

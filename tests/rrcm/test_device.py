@@ -15,7 +15,7 @@ from rrcm_diffusers import RRCMPipeline, RRCMPretrainingLoss, sample_grid_index
 from rrcm_diffusers.augment import light_view, strong_view
 from rrcm_diffusers.certification import sample_counts
 from rrcm_diffusers.pipeline_dds import small_unet, train_ddpm
-from tests.rrcm.conftest import tiny_model
+from tests.rrcm.helpers import tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from rrcm_diffusers import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, karras_sigmas, update_ema
 from rrcm_diffusers.trajectory import SIGMA_MIN
 from shared_dist.testing import launch
-from tests.rrcm.conftest import tiny_model
+from tests.rrcm.helpers import tiny_model
 
 
 def _batch(b: int = 6, seed: int = 0):
@@ -157,7 +157,7 @@ def test_finetuning_loss_equals_explicit_formula():
     # reference: same noise, explicit per-image sums
     noise = torch.randn((6, 1, 28, 28), generator=torch.Generator().manual_seed(5))
     x = torch.cat([images, images]) + 1.0 * noise
-    logits = model(x, loss_fn.grid_sigma).logits
+    logits = model(x, loss_fn.noise_level).logits
     ce = F.cross_entropy(logits, torch.cat([labels, labels]))
     total_kl, total_h = 0.0, 0.0
     for j in range(3):
@@ -167,7 +167,7 @@ def test_finetuning_loss_equals_explicit_formula():
         total_h += -(pbar * pbar.log()).sum()
     expect = ce + 20.0 * total_kl / 3 + 0.5 * total_h / 3
     torch.testing.assert_close(out["loss"], expect, rtol=1e-5, atol=1e-6)
-    assert float(loss_fn.grid_sigma) == pytest.approx(0.9654, abs=1e-4)
+    assert float(loss_fn.noise_level) == pytest.approx(0.9654, abs=1e-4)
 
 
 def test_finetuning_loss_rejects_bad_sigma_and_labels():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rrcm_diffusers import RRCMModel, hooks
-from tests.rrcm.conftest import tiny_model
+from tests.rrcm.helpers import tiny_model
 
 
 def test_save_load_round_trip_with_safetensors(tmp_path):

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
-from tests.shared_dist.test_accelerate import accelerate_launch
+from tests.helpers import REPO, accelerate_launch
 
 CONFIG = REPO / "examples/rrcm/configs/mnist_quick.yaml"
 

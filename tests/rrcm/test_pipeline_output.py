@@ -9,8 +9,8 @@ from diffusers import CMStochasticIterativeScheduler
 
 from rrcm_diffusers import RRCMModel, RRCMPipeline, grid_scheduler
 from rrcm_diffusers.training import FinetuneConfig, finetune
-from rrcm_diffusers.trajectory import grid_sigma_for_sigma
-from tests.rrcm.conftest import tiny_model
+from rrcm_diffusers.trajectory import noise_level_for_sigma
+from tests.rrcm.helpers import tiny_model
 
 
 def test_finetune_output_is_a_pipeline_with_a_model_card(tmp_path):
@@ -42,7 +42,7 @@ def test_pipeline_uses_the_model_grid_and_refuses_another(tmp_path):
     assert model.config.num_scales == 81
     pipe = RRCMPipeline(model=model)  # the default scheduler is the model's grid
     assert pipe.scheduler.config.num_train_timesteps == 81
-    assert grid_sigma_for_sigma(0.5, 81) == pytest.approx(0.9654, abs=1e-4)
+    assert noise_level_for_sigma(0.5, 81) == pytest.approx(0.9654, abs=1e-4)
     RRCMPipeline(model=model, scheduler=grid_scheduler(81))
     # diffusers' default CMStochasticIterativeScheduler has 40 points: σ = 0.5 would be conditioned at 1.0717
     with pytest.raises(ValueError, match=r"not the grid the model was fine-tuned on.*grid_scheduler\(81\)"):

@@ -20,7 +20,7 @@ def _row(method: str, correct: list[bool], radii: list[float], sigma: float = 0.
     labels = torch.zeros(n, dtype=torch.long)
     preds = torch.tensor([0 if c else 1 for c in correct])
     res = CertifyResult(preds, torch.tensor(radii, dtype=torch.float64), torch.zeros(n), torch.zeros(n))
-    return summary_row(method, sigma, res, labels, 100, 1000, 0.001, 1.0)
+    return summary_row(method, sigma, res, labels, n0=100, n=1000, alpha=0.001, seconds=1.0)
 
 
 def test_clopper_pearson_matches_the_beta_quantiles():

@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from rrcm_diffusers.training import PretrainConfig, pretrain
-from tests.conftest import REPO
-from tests.rrcm.conftest import tiny_model
+from tests.helpers import REPO
+from tests.rrcm.helpers import tiny_model
 
 STEPS = 9  # 64 images in batches of 16: 4 steps per epoch, so the run crosses two epoch borders
 
@@ -27,7 +27,7 @@ JOB = textwrap.dedent(
     from accelerate import Accelerator
     import rrcm_diffusers.training as training
     from rrcm_diffusers.data import load_mnist
-    from tests.rrcm.conftest import tiny_model
+    from tests.rrcm.helpers import tiny_model
 
     out, steps, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if kill_at:

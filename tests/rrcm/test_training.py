@@ -23,9 +23,8 @@ from rrcm_diffusers.training import (
     linear_probe_accuracy,
     pretrain,
 )
-from tests.conftest import REPO
-from tests.rrcm.conftest import tiny_model
-from tests.shared_dist.test_accelerate import accelerate_launch
+from tests.helpers import REPO, accelerate_launch
+from tests.rrcm.helpers import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,15 @@ import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler
 
-from rrcm_diffusers import grid_index_for_sigma, icm_num_scales, icm_stage_length, karras_sigmas
+from rrcm_diffusers import (
+    add_smoothing_noise,
+    grid_index_for_sigma,
+    grid_sigma_for_sigma,
+    icm_num_scales,
+    icm_stage_length,
+    karras_sigmas,
+    noise_level_for_sigma,
+)
 from rrcm_diffusers.trajectory import c_in, c_noise
 
 
@@ -50,3 +58,32 @@ def test_conditioning_functions():
 def test_bad_sigma_rejected():
     with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         grid_index_for_sigma(0.0)
+
+
+# ---------------------------------------------------------------- one name per quantity
+
+
+def test_noise_level_is_the_grid_point_nearest_to_twice_sigma():
+    grid = karras_sigmas(81)
+    for sigma in (0.12, 0.25, 0.5, 1.0):
+        level = noise_level_for_sigma(sigma)
+        assert level in grid.tolist()
+        assert abs(level - 2 * sigma) == pytest.approx((grid - 2 * sigma).abs().min().item())
+    with pytest.warns(FutureWarning, match="noise_level_for_sigma"):
+        assert grid_sigma_for_sigma(0.5) == noise_level_for_sigma(0.5)
+
+
+def test_smoothing_noise_has_std_two_sigma_in_model_space():
+    x = torch.zeros(4000, 1, 2, 2)
+    noisy = add_smoothing_noise(x, 0.25, torch.Generator().manual_seed(0))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy, 0.5 * eps)  # the same draw, scaled by 2σ
+    assert noisy.std().item() == pytest.approx(0.5, rel=0.03)
+    assert add_smoothing_noise(x.double(), 0.25).dtype == torch.float64
+
+
+def test_the_evaluation_helpers_keep_their_old_import_path():
+    from rrcm_diffusers import evaluation, training
+
+    assert training.noisy_accuracy is evaluation.noisy_accuracy
+    assert training.linear_probe_accuracy is evaluation.linear_probe_accuracy

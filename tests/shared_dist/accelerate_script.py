@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 import shared_dist
-from tests.shared_dist.test_gather import _inputs, _local_loss, _model
+from tests.shared_dist.helpers import inputs, local_loss, small_model
 
 SIZES = [3, 5]
 
@@ -18,11 +18,11 @@ SIZES = [3, 5]
 def main(out_dir: str) -> None:
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
-    model = accelerator.prepare(_model())
-    z = model(_inputs(SIZES)[rank])
+    model = accelerator.prepare(small_model())
+    z = model(inputs(SIZES)[rank])
     k_all, offsets = shared_dist.gather(z[:, 1:], return_offsets=True)
     mine = shared_dist.local_slice(offsets)
-    loss = _local_loss(z[:, :4], k_all, torch.arange(mine.start, mine.stop))
+    loss = local_loss(z[:, :4], k_all, torch.arange(mine.start, mine.stop))
     accelerator.backward(loss)
     record = {
         "rank": rank,

@@ -9,10 +9,10 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import shared_dist
 from shared_dist.testing import launch
+from tests.shared_dist.helpers import global_loss, inputs, local_loss, reference, small_model
 
 pytestmark = pytest.mark.distributed
 
@@ -149,62 +149,23 @@ def test_single_process_is_identity():
 # ---------------------------------------------------------------- gradients vs one process
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
-
-
-def _inputs(sizes: list[int], seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 6, generator=g) for n in sizes]
-
-
-def _global_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Same loss on every rank: all queries against all keys."""
-    logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T / 0.1
-    return F.cross_entropy(logits, torch.arange(q.shape[0]))
-
-
-def _local_loss(q_local: torch.Tensor, k_all: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.normalize(q_local, dim=-1) @ F.normalize(k_all, dim=-1).T / 0.1
-    return F.cross_entropy(logits, labels)
-
-
 def _w_grads(sizes: list[int], use: str) -> dict:
     rank = dist.get_rank()
-    model = torch.nn.parallel.DistributedDataParallel(_model())
-    x = _inputs(sizes)[rank].requires_grad_(True)
+    model = torch.nn.parallel.DistributedDataParallel(small_model())
+    x = inputs(sizes)[rank].requires_grad_(True)
     z = model(x)  # (B_r, 5)
     q, k = z[:, :4], z[:, 1:]  # two "views" of the same rows
     if use == "global":
-        loss = _global_loss(shared_dist.gather(q), shared_dist.gather(k))
+        loss = global_loss(shared_dist.gather(q), shared_dist.gather(k))
     else:
         k_all, offsets = shared_dist.gather(k, return_offsets=True)
         mine = shared_dist.local_slice(offsets)
-        loss = _local_loss(q, k_all, torch.arange(mine.start, mine.stop))
+        loss = local_loss(q, k_all, torch.arange(mine.start, mine.stop))
     loss.backward()
     return {
         "params": [p.grad.clone() for p in model.parameters()],
         "x_grad": x.grad.clone(),
     }
-
-
-def _reference(sizes: list[int], use: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    model = _model()
-    x = torch.cat(_inputs(sizes)).requires_grad_(True)
-    z = model(x)
-    q, k = z[:, :4], z[:, 1:]
-    if use == "global":
-        loss = _global_loss(q, k)
-    else:
-        offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        per_rank = [
-            _local_loss(q[offs[r] : offs[r + 1]], k, torch.arange(offs[r], offs[r + 1]))
-            for r in range(len(sizes))
-        ]
-        loss = torch.stack(per_rank).mean()  # DDP averages the per-rank losses
-    loss.backward()
-    return [p.grad for p in model.parameters()], x.grad
 
 
 @pytest.mark.parametrize(
@@ -214,7 +175,7 @@ def _reference(sizes: list[int], use: str) -> tuple[list[torch.Tensor], torch.Te
 def test_gradients_match_single_process(sizes, use):
     world = len(sizes)
     results = launch(_w_grads, world, (sizes, use), timeout=120)
-    ref_params, ref_x = _reference(sizes, use)
+    ref_params, ref_x = reference(sizes, use)
     offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     for rank, res in enumerate(results):
         # DDP-averaged parameter gradients equal the single-process ones
@@ -230,12 +191,12 @@ def test_gradients_match_single_process(sizes, use):
 def _w_plain_all_gather_loses_grads(sizes: list[int]) -> list[torch.Tensor]:
     """The failure the package exists for: a plain all_gather cuts the graph."""
     rank = dist.get_rank()
-    model = torch.nn.parallel.DistributedDataParallel(_model())
-    z = model(_inputs(sizes)[rank])
+    model = torch.nn.parallel.DistributedDataParallel(small_model())
+    z = model(inputs(sizes)[rank])
     parts = [torch.empty_like(z) for _ in sizes]
     dist.all_gather(parts, z.detach())
     parts[rank] = z
-    _global_loss(torch.cat(parts)[:, :4], torch.cat(parts)[:, 1:]).backward()
+    global_loss(torch.cat(parts)[:, :4], torch.cat(parts)[:, 1:]).backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -243,7 +204,7 @@ def test_reference_detects_plain_all_gather_bug():
     """Guards the parity test itself: the no-grad gather gives different gradients."""
     sizes = [4, 4]
     results = launch(_w_plain_all_gather_loses_grads, 2, (sizes,), timeout=120)
-    ref_params, _ = _reference(sizes, "global")
+    ref_params, _ = reference(sizes, "global")
     assert not all(torch.allclose(g, w, rtol=1e-4) for g, w in zip(results[0], ref_params))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from sentence_transformers import (
     SentenceTransformer,
     SentenceTransformerTrainer,
@@ -80,22 +81,54 @@ def train_recipe(
     if not isinstance(save_steps, int) or save_steps < 0:
         raise ValueError(f"save_steps must be an int >= 0 (0: no checkpoints), got {save_steps!r}")
     root = Path(data_dir or default_data_dir()) / "text"
+    model, pairs = _model_and_pairs(model_path, max_seq_length, root, seed, train_queries)
+    record: dict[str, Any] = dict(
+        recipe=recipe, steps=steps, batch_size=batch_size, num_negatives=num_negatives, train_pairs=len(pairs)
+    )
+    # 1. the loss, the training set (negatives mined here) and the trainer's arguments
+    start = time.perf_counter()
+    common = _trainer_arguments(
+        out, steps=steps, lr=lr, seed=seed, save_steps=save_steps, progress=progress, batch_size=batch_size
+    )
+    if recipe == "conan":
+        mining = dict(num_negatives=num_negatives, interval=check_interval, sts_batch_size=sts_batch_size)
+        loss, train, args, callback = _conan_setup(model, pairs, _sts(root, sts_rows), common, **mining)
+    else:
+        loss, train, args, callback = _mnrl_setup(recipe, model, pairs, common, num_negatives=num_negatives)
+    record["mining_s"] = round(time.perf_counter() - start, 1)
+    # 2. training, from the newest complete checkpoint when resuming
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=train, loss=loss, callbacks=[callback] if callback else []
+    )
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
+    record["train_s"] = round(time.perf_counter() - t0, 1)
+    record["s_per_step"] = round(record["train_s"] / steps, 3)
+    if callback:
+        record["dhnm_checks"] = callback.history
+        record["advanced_total"] = sum(h["dhnm/advanced"] for h in callback.history)
+    record["loss_log"] = [h for h in trainer.state.log_history if "loss" in h]
+    return model, record
+
+
+def _model_and_pairs(
+    model_path: str | None, max_seq_length: int, root: Path, seed: int, train_queries: int | None
+) -> tuple[SentenceTransformer, Dataset]:
+    """The model to train and the CMRC2018 train pairs (shuffled by ``seed``; the first ``train_queries``)."""
     torch.manual_seed(seed)
     model = SentenceTransformer(model_path or default_model_path(), device="cpu")
     model.max_seq_length = max_seq_length
     pairs = retrieval_pairs(root / "retrieval/cmrc2018", "train").shuffle(seed=seed)
     if train_queries:
         pairs = pairs.select(range(min(train_queries, len(pairs))))
-    record: dict[str, Any] = {
-        "recipe": recipe,
-        "steps": steps,
-        "batch_size": batch_size,
-        "num_negatives": num_negatives,
-        "train_pairs": len(pairs),
-    }
-    start = time.perf_counter()
-    callbacks = []
-    common = dict(
+    return model, pairs
+
+
+def _trainer_arguments(
+    out: str | Path, *, steps: int, lr: float, seed: int, save_steps: int, progress: bool, batch_size: int
+) -> dict[str, Any]:
+    """The `SentenceTransformerTrainingArguments` every recipe shares."""
+    return dict(
         output_dir=str(out),
         max_steps=steps,
         learning_rate=lr,
@@ -109,54 +142,48 @@ def train_recipe(
         per_device_train_batch_size=batch_size,
         dataloader_drop_last=True,
     )
-    if recipe == "conan":
-        loss = CrossGPUBalancingLoss(model)
-        cb = DynamicHardNegativeMiningCallback.from_pairs(
-            model, pairs, num_negatives=num_negatives, depth=100, loss=loss, interval=check_interval
-        )
-        callbacks.append(cb)
-        sts = load_sts(root / "pairs/zh/stsb-zh-train.tsv")
-        if sts_rows:
-            sts = sts.select(range(min(sts_rows, len(sts))))
 
-        train = make_balanced_datasets(cb.train_dataset(pairs), sts)
-        args = SentenceTransformerTrainingArguments(
-            **common,
-            multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(
-                retrieval_batch_size=batch_size, sts_batch_size=sts_batch_size
-            ),
-        )
-    else:
-        loss = MultipleNegativesRankingLoss(model)
-        train = pairs
-        if recipe == "mnrl_mined":
-            train = mine_hard_negatives(
-                pairs,
-                model,
-                anchor_column_name="anchor",
-                positive_column_name="positive",
-                range_min=10,
-                num_negatives=num_negatives,
-                output_format="n-tuple",
-                sampling_strategy="top",
-                batch_size=64,
-                use_faiss=False,
-                verbose=False,
-            )
-        args = SentenceTransformerTrainingArguments(**common, batch_sampler="no_duplicates")
-    record["mining_s"] = round(time.perf_counter() - start, 1)
-    trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train, loss=loss, callbacks=callbacks
+
+def _sts(root: Path, rows: int | None) -> Dataset:
+    sts = load_sts(root / "pairs/zh/stsb-zh-train.tsv")
+    return sts.select(range(min(rows, len(sts)))) if rows else sts
+
+
+def _conan_setup(
+    model, pairs, sts, common: dict[str, Any], *, num_negatives: int, interval: int, sts_batch_size: int
+):
+    """CrossGPUBalancingLoss on task-balanced batches, negatives served by the mining callback."""
+    loss = CrossGPUBalancingLoss(model)
+    callback = DynamicHardNegativeMiningCallback.from_pairs(
+        model, pairs, num_negatives=num_negatives, depth=100, loss=loss, interval=interval
     )
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
-    record["train_s"] = round(time.perf_counter() - t0, 1)
-    record["s_per_step"] = round(record["train_s"] / steps, 3)
-    if recipe == "conan":
-        record["dhnm_checks"] = callbacks[0].history
-        record["advanced_total"] = sum(h["dhnm/advanced"] for h in callbacks[0].history)
-    record["loss_log"] = [h for h in trainer.state.log_history if "loss" in h]
-    return model, record
+    train = make_balanced_datasets(callback.train_dataset(pairs), sts)
+    sampler = TaskBalancedBatchSampler.configure(
+        retrieval_batch_size=common["per_device_train_batch_size"], sts_batch_size=sts_batch_size
+    )
+    args = SentenceTransformerTrainingArguments(**common, multi_dataset_batch_sampler=sampler)
+    return loss, train, args, callback
+
+
+def _mnrl_setup(recipe: str, model, pairs, common: dict[str, Any], *, num_negatives: int):
+    """MultipleNegativesRankingLoss on no-duplicates batches; "mnrl_mined" adds negatives mined once."""
+    train = pairs
+    if recipe == "mnrl_mined":
+        train = mine_hard_negatives(
+            pairs,
+            model,
+            anchor_column_name="anchor",
+            positive_column_name="positive",
+            range_min=10,
+            num_negatives=num_negatives,
+            output_format="n-tuple",
+            sampling_strategy="top",
+            batch_size=64,
+            use_faiss=False,
+            verbose=False,
+        )
+    args = SentenceTransformerTrainingArguments(**common, batch_sampler="no_duplicates")
+    return MultipleNegativesRankingLoss(model), train, args, None
 
 
 def evaluate(

@@ -14,12 +14,14 @@ from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_em
 from .modeling_rrcm import GatheredBatchNorm1d, RRCMModel, RRCMModelOutput, info_nce
 from .pipeline_rrcm import CITATION, RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput, write_model_card
 from .trajectory import (
+    add_smoothing_noise,
     grid_index_for_sigma,
     grid_scheduler,
     grid_sigma_for_sigma,
     icm_num_scales,
     icm_stage_length,
     karras_sigmas,
+    noise_level_for_sigma,
     sample_grid_index,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "RRCMPipeline",
     "RRCMPipelineOutput",
     "RRCMPretrainingLoss",
+    "add_smoothing_noise",
     "certify",
     "certify_dataset",
     "ema_rate",
@@ -48,6 +51,7 @@ __all__ = [
     "icm_stage_length",
     "info_nce",
     "karras_sigmas",
+    "noise_level_for_sigma",
     "predict",
     "sample_grid_index",
     "update_ema",

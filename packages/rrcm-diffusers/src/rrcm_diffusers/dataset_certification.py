@@ -134,21 +134,7 @@ def certify_dataset(
     run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
     run.update(_fingerprint(pipeline, images, labels))
     # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
-    verdict = None
-    if rank == 0:
-        try:
-            claim_folder(
-                out / RUN,
-                run,
-                (out / RECORDS).exists(),
-                hint="use another --out, or the same settings to resume it",
-            )
-            verdict = (None, read_records(out))
-        except ValueError as err:  # never read (or cut) a file not ours
-            verdict = (str(err), {})
-    error, done = broadcast_object(verdict)
-    if error:
-        raise ValueError(error)
+    done = _claim(out, run, rank)
     todo = [i for i in range(images.shape[0]) if i not in done]
     mine = todo[rank::world]
     classifier = pipeline.base_classifier(sigma)
@@ -157,20 +143,11 @@ def certify_dataset(
     for k in range(math.ceil(len(todo) / world)):
         record = None
         if k < len(mine):
-            i, start = mine[k], time.perf_counter()
-            res = certify(
-                classifier, pipeline._prepare(images[i : i + 1]), sigma, n0, n, alpha, batch_size,
-                image_generator(seed, i),
-            )  # fmt: skip
-            record = {
-                "index": i,
-                "label": int(labels[i]),
-                "prediction": int(res.predictions[0]),
-                "radius": float(res.radii[0]),
-                "p_lower": float(res.p_lower[0]),
-                "count": int(res.counts[0]),
-                "seconds": time.perf_counter() - start,
-            }
+            x = pipeline._prepare(images[mine[k] : mine[k] + 1])
+            settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+            record = _certify_one(
+                classifier, x, mine[k], int(labels[mine[k]]), image_generator(seed, mine[k]), settings
+            )
         finished = [r for r in gather_object(record) if r is not None]
         if rank == 0:
             _append(out, finished)
@@ -178,6 +155,41 @@ def certify_dataset(
         done.update({r["index"]: r for r in finished})
     bar.close()
     return [done[i] for i in range(images.shape[0])]
+
+
+def _claim(out: Path, run: dict[str, Any], rank: int) -> dict[int, dict[str, Any]]:
+    """Rank 0 claims ``out`` for ``run`` and reads the records already there; every rank gets them,
+    or the same error (a rank that raised alone would leave the others waiting)."""
+    verdict = None
+    if rank == 0:
+        try:
+            hint = "use another --out, or the same settings to resume it"
+            claim_folder(out / RUN, run, (out / RECORDS).exists(), hint=hint)
+            verdict = (None, read_records(out))
+        except ValueError as err:  # never read (or cut) a file not ours
+            verdict = (str(err), {})
+    error, done = broadcast_object(verdict)
+    if error:
+        raise ValueError(error)
+    return done
+
+
+def _certify_one(
+    classifier, x: torch.Tensor, index: int, label: int, generator: torch.Generator, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of image ``index`` (x: (1, C, H, W)); ``settings``: `certify`'s sigma, n0, n, alpha
+    and batch_size."""
+    start = time.perf_counter()
+    res = certify(classifier, x, generator=generator, **settings)
+    return {
+        "index": index,
+        "label": label,
+        "prediction": int(res.predictions[0]),
+        "radius": float(res.radii[0]),
+        "p_lower": float(res.p_lower[0]),
+        "count": int(res.counts[0]),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def report_row(
@@ -192,7 +204,7 @@ def report_row(
     )
     labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
     seconds = sum(r["seconds"] for r in records)  # compute time, summed over processes
-    return summary_row(method, sigma, result, labels, n0, n, alpha, seconds)
+    return summary_row(method, sigma, result, labels, n0=n0, n=n, alpha=alpha, seconds=seconds)
 
 
 def _device_name(device: torch.device) -> str:

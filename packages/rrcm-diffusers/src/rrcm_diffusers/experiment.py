@@ -1,4 +1,4 @@
-"""The rRCM experiment end to end: pretrain → fine-tune per σ → baselines → certify → report.
+"""The rRCM experiment end to end: pretrain → probe → fine-tune per σ → baselines → DDS → certify.
 
 Every stage writes its result under ``out/`` and is skipped when that result is already
 there, so an interrupted run resumes where it stopped. Used by ``examples/rrcm/*.py`` and by
@@ -13,10 +13,11 @@ import difflib
 import inspect
 import json
 import time
-from collections.abc import Callable
-from dataclasses import fields
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -25,62 +26,160 @@ from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
 from ._atomic import claim_folder
 from .data import load_dataset, strided_class_subset
+from .evaluation import linear_probe_accuracy
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
 from .pipeline_rrcm import RRCMPipeline, write_model_card
 from .report import certify_methods, markdown_table, uncertainty_tables, write_report
-from .training import FinetuneConfig, PretrainConfig, finetune, linear_probe_accuracy, pretrain
+from .training import FinetuneConfig, PretrainConfig, finetune, pretrain
 from .trajectory import CERTIFY_NUM_SCALES, grid_scheduler
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "mnist",
-    "data_dir": None,
-    "seed": 0,
-    "sigmas": [0.25, 0.5, 1.0],
-    "model": {
-        "patch_size": 4,
-        "hidden_size": 96,
-        "depth": 4,
-        "num_heads": 4,
-        "projection_hidden_dim": 256,
-        "projection_dim": 64,
-    },
-    "pretrain": {"steps": 400, "batch_size": 64, "lr": 2.0e-3, "checkpoint_every": 100},
-    "finetune": {"probe_steps": 100, "steps": 300, "batch_size": 64, "lr": 1.0e-3},
-    "cohen": {"enabled": True, "steps": 400, "batch_size": 64, "lr": 1.0e-3, "consistency": False},
-    # the matched baseline: rRCM's fine-tuning (same loss, consistency included) from a random init;
-    # steps None = pretrain.steps + finetune.steps, the optimizer steps rRCM took in all
-    "scratch": {"enabled": False, "steps": None},
-    "dds": {"enabled": True, "unet_steps": 600, "classifier_steps": 300, "batch_size": 64},
-    "probe": {"enabled": True, "train_images": 2000, "test_images": 1000},
-    "certify": {"per_class": 10, "n0": 100, "n": 1000, "alpha": 0.001, "batch_size": 1100},
+# ----------------------------------------------------------------------------- the config
+
+
+@dataclass
+class CohenConfig:
+    """Cohen et al.'s Gaussian augmentation: the same classifier trained from a random init."""
+
+    enabled: bool = True
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    consistency: bool = False  # True: with rRCM's consistency regulariser ("Cohen+consistency")
+
+    def finetune_config(self, sigma: float, seed: int) -> FinetuneConfig:
+        return FinetuneConfig(
+            sigma=sigma,
+            probe_steps=0,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            layer_decay=1.0,
+            num_noise_samples=2 if self.consistency else 1,
+            consistency_weight=None if self.consistency else 0.0,
+            seed=seed,
+        )
+
+
+@dataclass
+class ScratchConfig:
+    """The matched baseline: rRCM's fine-tuning (same loss, consistency included) from a random init."""
+
+    enabled: bool = False
+    steps: int | None = None  # None: pretrain.steps + finetune.steps, the optimizer steps rRCM took
+
+
+@dataclass
+class DDSConfig:
+    """Diffusion denoised smoothing: a diffusers UNet (DDPM) + a classifier trained on clean images."""
+
+    enabled: bool = True
+    unet_steps: int = 600
+    classifier_steps: int = 300
+    batch_size: int = 64
+
+    def classifier_config(self, seed: int) -> FinetuneConfig:
+        return FinetuneConfig(
+            sigma=1e-3,
+            probe_steps=0,
+            steps=self.classifier_steps,
+            batch_size=self.batch_size,
+            layer_decay=1.0,
+            num_noise_samples=1,
+            consistency_weight=0.0,
+            seed=seed,
+        )
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True
+    train_images: int = 2000
+    test_images: int = 1000
+
+
+@dataclass
+class CertifyConfig:
+    per_class: int = 10  # test images per class (strided: the CSVs are sorted by label)
+    n0: int = 100
+    n: int = 1000
+    alpha: float = 0.001
+    batch_size: int = 1100
+
+
+def _model_defaults() -> dict[str, Any]:
+    return dict(
+        patch_size=4, hidden_size=96, depth=4, num_heads=4, projection_hidden_dim=256, projection_dim=64
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything ``run`` reads. ``model``, ``pretrain`` and ``finetune`` are keyword arguments of
+    `RRCMModel` and fields of `PretrainConfig` / `FinetuneConfig` that differ from their defaults
+    (σ and the seed are set per run); the other sections are the dataclasses above."""
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    seed: int = 0
+    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    model: dict[str, Any] = field(default_factory=_model_defaults)
+    pretrain: dict[str, Any] = field(
+        default_factory=lambda: {"steps": 400, "batch_size": 64, "lr": 2.0e-3, "checkpoint_every": 100}
+    )
+    finetune: dict[str, Any] = field(
+        default_factory=lambda: {"probe_steps": 100, "steps": 300, "batch_size": 64, "lr": 1.0e-3}
+    )
+    cohen: CohenConfig = field(default_factory=CohenConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    dds: DDSConfig = field(default_factory=DDSConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | Path | None = None) -> ExperimentConfig:
+        """Each section updates the defaults one level deep. A key no stage reads is an error that
+        names it, the nearest known key and ``source``: a misspelt ``certify: {nn: 10000}`` would
+        otherwise run silently with the default n."""
+        merged = asdict(cls())
+        _check_keys("the top level", set(values), set(merged), source)
+        for name, v in values.items():
+            if name in _SECTIONS:
+                if not isinstance(v, dict):
+                    raise ValueError(f"config section {name!r} must be a mapping, got {v!r}")
+                v = {**merged[name], **v}
+            merged[name] = v
+        for name, known in _SECTIONS.items():
+            _check_keys(f"section {name!r}", set(merged[name]), known(), source)
+        typed = {name: _SECTION_TYPES[name](**merged[name]) for name in _SECTION_TYPES}
+        return cls(**{**merged, **typed})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTION_TYPES = {
+    "cohen": CohenConfig,
+    "scratch": ScratchConfig,
+    "dds": DDSConfig,
+    "probe": ProbeConfig,
+    "certify": CertifyConfig,
+}
+_SECTIONS: dict[str, Callable[[], set[str]]] = {  # the keys each section may hold
+    "model": lambda: set(inspect.signature(RRCMModel.__init__).parameters) - {"self"},
+    "pretrain": lambda: {f.name for f in fields(PretrainConfig)},
+    "finetune": lambda: {f.name for f in fields(FinetuneConfig)} - {"sigma"},  # σ comes from ``sigmas``
+    **{name: (lambda t=t: {f.name for f in fields(t)}) for name, t in _SECTION_TYPES.items()},
 }
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
-    """DEFAULTS, updated (one level deep) by a YAML file and then by ``overrides``.
-
-    A key no stage reads is an error that names it (and the nearest known key): a misspelt
-    ``certify: {n0: ..., nn: 10000}`` would otherwise run silently with the default n."""
-    cfg = json.loads(json.dumps(DEFAULTS))
+def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """The defaults, updated by a YAML file and then by ``overrides`` (each one level deep)."""
+    values: dict[str, Any] = {}
     for extra in ([yaml.safe_load(Path(path).read_text())] if path else []) + [overrides]:
         for k, v in (extra or {}).items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k].update(v)
-            else:
-                cfg[k] = v
-    _check_keys("the top level", set(cfg), set(DEFAULTS), path)
-    allowed = {
-        "model": set(inspect.signature(RRCMModel.__init__).parameters) - {"self"},
-        "pretrain": {f.name for f in fields(PretrainConfig)},
-        "finetune": {f.name for f in fields(FinetuneConfig)} - {"sigma"},
-    }
-    for section, default in DEFAULTS.items():
-        if isinstance(default, dict):
-            if not isinstance(cfg[section], dict):
-                raise ValueError(f"config section {section!r} must be a mapping, got {cfg[section]!r}")
-            _check_keys(f"section {section!r}", set(cfg[section]), allowed.get(section, set(default)), path)
-    return cfg
+            values[k] = {**values[k], **v} if isinstance(v, dict) and isinstance(values.get(k), dict) else v
+    return ExperimentConfig.from_dict(values, path)
 
 
 def _check_keys(where: str, given: set[str], known: set[str], path: str | Path | None) -> None:
@@ -101,260 +200,313 @@ def section_config(cls, values: dict[str, Any], **extra: Any):
     return cls(**{**values, **extra})
 
 
-def _has_files(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
 def cm_scheduler() -> CMStochasticIterativeScheduler:
     return grid_scheduler(CERTIFY_NUM_SCALES)
 
 
-def run(
-    cfg: dict[str, Any], out: str | Path, accelerator: Accelerator | None = None, progress: bool = True
-) -> dict[str, Any]:
-    accelerator = accelerator or Accelerator()
-    out = Path(out)
-    main = accelerator.is_main_process
-    torch.manual_seed(cfg["seed"])
-    x_train, y_train = load_dataset(cfg["dataset"], "train", cfg["data_dir"])
-    x_test, y_test = load_dataset(cfg["dataset"], "test", cfg["data_dir"])
-    channels, size = x_train.shape[1], x_train.shape[-1]
-    classes = int(y_train.max()) + 1
-    model_kw = {"image_size": size, "in_channels": channels, **cfg["model"]}
-    augment = "grey" if channels == 1 else "rgb"
-    summary: dict[str, Any] = {"config": cfg, "timings_s": {}}
+# ----------------------------------------------------------------------------- the run
 
-    def timed(name: str, fn):
+
+@dataclass
+class _Run:
+    """What every stage reads: the config, the data, where results go, and the timings so far."""
+
+    cfg: ExperimentConfig
+    out: Path
+    accelerator: Accelerator
+    progress: bool
+    x_train: torch.Tensor  # (N, C, H, W) uint8
+    y_train: torch.Tensor  # (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    summary: dict[str, Any]
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y_train.max()) + 1
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"image_size": self.x_train.shape[-1], "in_channels": self.x_train.shape[1], **self.cfg.model}
+
+    @property
+    def data_key(self) -> dict[str, Any]:  # what every stage's results depend on
+        return {"dataset": self.cfg.dataset, "seed": self.cfg.seed, "train_images": list(self.x_train.shape)}
+
+    @property
+    def pretrain_key(self) -> dict[str, Any]:
+        return {**self.data_key, "model": self.cfg.model, "pretrain": self.cfg.pretrain}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        result = fn()
-        summary["timings_s"][name] = round(time.perf_counter() - start, 1)
-        return result
+        yield
+        self.summary["timings_s"][name] = round(time.perf_counter() - start, 1)
 
+
+class _Baseline(NamedTuple):
+    folder: str  # results in ``out/<folder>-sigma<σ>``
+    stage: str  # timings key prefix
+    config_for: Callable[[float], FinetuneConfig]  # σ → how it is trained
+    key: dict[str, Any]  # what its results depend on, besides the data and σ
+
+
+def run(
+    cfg: ExperimentConfig | dict[str, Any],
+    out: str | Path,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) every stage into ``out``; returns the summary (also ``out/summary.json``)."""
+    cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.from_dict(cfg)
+    accelerator = accelerator or Accelerator()
+    torch.manual_seed(cfg.seed)
+    r = _Run(
+        cfg,
+        Path(out),
+        accelerator,
+        progress,
+        *load_dataset(cfg.dataset, "train", cfg.data_dir),
+        *load_dataset(cfg.dataset, "test", cfg.data_dir),
+        summary={"config": cfg.to_dict(), "timings_s": {}},
+    )
     # 1. pretraining along the trajectory
-    pre_dir = out / "pretrain"
-    data_key = {"dataset": cfg["dataset"], "seed": cfg["seed"], "train_images": list(x_train.shape)}
-    pre_key = {**data_key, "model": cfg["model"], "pretrain": cfg["pretrain"]}
-    claim_folder(pre_dir / "stage.json", pre_key, _has_files(pre_dir), main)
-    if (pre_dir / "online" / "config.json").is_file():
-        online = RRCMModel.from_pretrained(pre_dir / "online")
-    else:
-        torch.manual_seed(cfg["seed"])
-        pcfg = section_config(PretrainConfig, cfg["pretrain"], augment=augment, seed=cfg["seed"])
-        online, _, history = timed(
-            "pretrain",
-            lambda: pretrain(
-                RRCMModel(**model_kw), x_train, pcfg, accelerator, pre_dir / "run", progress=progress
-            ),
-        )
-        if main:
-            online.save_pretrained(pre_dir / "online")
-            (pre_dir / "history.json").write_text(json.dumps(history))
-        summary["pretrain_loss"] = {
-            "first10": _mean(history[:10], "loss"),
-            "last10": _mean(history[-10:], "loss"),
-        }
-        summary["s_per_pretrain_step"] = summary["timings_s"]["pretrain"] / max(len(history), 1)
-
+    online = _pretrain_stage(r)
     # 2. linear probes on noisy features: random init vs pretrained
-    if cfg["probe"]["enabled"]:
-        probe_key = {**pre_key, "probe": cfg["probe"], "sigmas": cfg["sigmas"]}
-        claim_folder(out / "probe.stage.json", probe_key, (out / "probe.json").is_file(), main)
-    if cfg["probe"]["enabled"] and main and not (out / "probe.json").is_file():
-        torch.manual_seed(cfg["seed"])
-        random_init = RRCMModel(**model_kw)
-        tr_idx = strided_class_subset(
-            y_train, cfg["probe"]["train_images"] // classes
-        )  # the CSV is sorted by label
-        tr = (x_train[tr_idx], y_train[tr_idx])
-        sub = strided_class_subset(y_test, cfg["probe"]["test_images"] // classes)
-        te = (x_test[sub], y_test[sub])
-        probes = {}
-        for s in [None, *cfg["sigmas"]]:
-            probes[str(s or 0.0)] = {
-                "random_init": linear_probe_accuracy(random_init, tr, te, s, seed=cfg["seed"]),
-                "pretrained": linear_probe_accuracy(online, tr, te, s, seed=cfg["seed"]),
-            }
-        (out / "probe.json").write_text(json.dumps(probes, indent=2))
-    if (out / "probe.json").is_file():
-        summary["probe"] = json.loads((out / "probe.json").read_text())
+    _probe_stage(r, online=online)
+    # 3. fine-tuning per σ: rRCM from the pretrained encoder, the baselines from a random init
+    methods, baselines = _train_methods(r, online=online)
+    # 4. the DDS baseline: a diffusers UNet denoiser in front of a clean classifier
+    _train_dds(r)
+    accelerator.wait_for_everyone()
+    # 5. certification of every method on one test subset, and the report
+    if r.main:
+        _certify_and_report(r, methods=methods, baselines=baselines)
+    return r.summary
 
-    # 3. fine-tuning per σ (rRCM), and the baselines trained in the same trainer
-    methods: dict[str, dict[float, Path]] = {"rRCM": {}}
-    for sigma in cfg["sigmas"]:
-        methods["rRCM"][sigma] = _finetuned(
-            out / f"rrcm-sigma{sigma:g}",
-            lambda: _seeded(cfg["seed"], online.for_classification, classes),
-            section_config(FinetuneConfig, cfg["finetune"], sigma=sigma, seed=cfg["seed"]),
-            x_train,
-            y_train,
-            accelerator,
-            progress,
-            timed,
-            f"finetune_rrcm_{sigma:g}",
-            {**pre_key, "finetune": cfg["finetune"], "sigma": sigma},
+
+def _pretrain_stage(r: _Run) -> RRCMModel:
+    pre_dir = r.out / "pretrain"
+    claim_folder(pre_dir / "stage.json", r.pretrain_key, _has_files(pre_dir), r.main)
+    if (pre_dir / "online" / "config.json").is_file():
+        return RRCMModel.from_pretrained(pre_dir / "online")
+    torch.manual_seed(r.cfg.seed)
+    augment = "grey" if r.x_train.shape[1] == 1 else "rgb"
+    config = section_config(PretrainConfig, r.cfg.pretrain, augment=augment, seed=r.cfg.seed)
+    with r.timed("pretrain"):
+        online, _, history = pretrain(
+            RRCMModel(**r.model_kwargs),
+            r.x_train,
+            config,
+            r.accelerator,
+            pre_dir / "run",
+            progress=r.progress,
         )
-    # the baselines from a random init, each per σ: (folder, stage name, FinetuneConfig for σ, stage key)
-    baselines: dict[str, tuple[str, str, Callable[[float], FinetuneConfig], dict[str, Any]]] = {}
-    if cfg["cohen"]["enabled"]:
-        c = cfg["cohen"]
+    if r.main:
+        online.save_pretrained(pre_dir / "online")
+        (pre_dir / "history.json").write_text(json.dumps(history))
+    r.summary["pretrain_loss"] = {
+        "first10": _mean(history[:10], "loss"),
+        "last10": _mean(history[-10:], "loss"),
+    }
+    r.summary["s_per_pretrain_step"] = r.summary["timings_s"]["pretrain"] / max(len(history), 1)
+    return online
 
-        def cohen(sigma: float) -> FinetuneConfig:
-            return FinetuneConfig(
-                sigma=sigma,
-                probe_steps=0,
-                steps=c["steps"],
-                batch_size=c["batch_size"],
-                lr=c["lr"],
-                layer_decay=1.0,
-                num_noise_samples=2 if c["consistency"] else 1,
-                consistency_weight=None if c["consistency"] else 0.0,
-                seed=cfg["seed"],
-            )
 
-        name = "Cohen+consistency" if c["consistency"] else "Cohen"
-        baselines[name] = ("cohen", "train_cohen", cohen, {"model": cfg["model"], "cohen": c})
-    if cfg["scratch"]["enabled"]:
-        steps = cfg["scratch"]["steps"] or cfg["pretrain"]["steps"] + cfg["finetune"]["steps"]
-        # rRCM's fine-tuning without head-only warm-up or layer-wise decay: no pretrained layers to keep
+def _probe_stage(r: _Run, online: RRCMModel) -> None:
+    probe, path = r.cfg.probe, r.out / "probe.json"
+    if not probe.enabled:
+        return
+    key = {**r.pretrain_key, "probe": asdict(probe), "sigmas": r.cfg.sigmas}
+    claim_folder(r.out / "probe.stage.json", key, path.is_file(), r.main)
+    if r.main and not path.is_file():
+        torch.manual_seed(r.cfg.seed)
+        random_init = RRCMModel(**r.model_kwargs)
+        per_class = probe.train_images // r.num_classes, probe.test_images // r.num_classes
+        train_idx = strided_class_subset(r.y_train, per_class[0])  # the CSVs are sorted by label
+        test_idx = strided_class_subset(r.y_test, per_class[1])
+        train, test = (r.x_train[train_idx], r.y_train[train_idx]), (r.x_test[test_idx], r.y_test[test_idx])
+        probes = {
+            str(s or 0.0): {
+                "random_init": linear_probe_accuracy(random_init, train, test, s, seed=r.cfg.seed),
+                "pretrained": linear_probe_accuracy(online, train, test, s, seed=r.cfg.seed),
+            }
+            for s in [None, *r.cfg.sigmas]
+        }
+        path.write_text(json.dumps(probes, indent=2))
+    if path.is_file():
+        r.summary["probe"] = json.loads(path.read_text())
+
+
+def _baselines(cfg: ExperimentConfig) -> dict[str, _Baseline]:
+    """The methods trained from a random init with rRCM's trainer, by report name."""
+    baselines = {}
+    if cfg.cohen.enabled:
+        name = "Cohen+consistency" if cfg.cohen.consistency else "Cohen"
+        key = {"model": cfg.model, "cohen": asdict(cfg.cohen)}
+        baselines[name] = _Baseline(
+            "cohen", "train_cohen", lambda s: cfg.cohen.finetune_config(s, cfg.seed), key
+        )
+    if cfg.scratch.enabled:
+        steps = cfg.scratch.steps or cfg.pretrain["steps"] + cfg.finetune["steps"]
 
         def scratch(sigma: float) -> FinetuneConfig:
+            # rRCM's fine-tuning without head-only warm-up or layer-wise decay: no pretrained layers to keep
             return section_config(
                 FinetuneConfig,
-                cfg["finetune"],
+                cfg.finetune,
                 sigma=sigma,
-                seed=cfg["seed"],
+                seed=cfg.seed,
                 steps=steps,
                 probe_steps=0,
                 layer_decay=1.0,
             )
 
-        key = {"model": cfg["model"], "finetune": cfg["finetune"], "scratch_steps": steps}
-        baselines["scratch+consistency"] = ("scratch", "train_scratch", scratch, key)
-    for name, (folder, stage, config_for, key) in baselines.items():
+        key = {"model": cfg.model, "finetune": cfg.finetune, "scratch_steps": steps}
+        baselines["scratch+consistency"] = _Baseline("scratch", "train_scratch", scratch, key)
+    return baselines
+
+
+def _train_methods(r: _Run, online: RRCMModel) -> tuple[dict[str, dict[float, Path]], dict[str, _Baseline]]:
+    """rRCM and each baseline fine-tuned per σ; returns {method: {σ: pipeline folder}} and the baselines."""
+    cfg = r.cfg
+    methods: dict[str, dict[float, Path]] = {"rRCM": {}}
+    for sigma in cfg.sigmas:
+        methods["rRCM"][sigma] = _finetuned(
+            r,
+            folder=r.out / f"rrcm-sigma{sigma:g}",
+            make=lambda: _seeded(cfg.seed, online.for_classification, r.num_classes),
+            config=section_config(FinetuneConfig, cfg.finetune, sigma=sigma, seed=cfg.seed),
+            stage=f"finetune_rrcm_{sigma:g}",
+            key={**r.pretrain_key, "finetune": cfg.finetune, "sigma": sigma},
+        )
+    baselines = _baselines(cfg)
+    for name, b in baselines.items():
         methods[name] = {
             sigma: _finetuned(
-                out / f"{folder}-sigma{sigma:g}",
-                lambda: _fresh(model_kw, classes, cfg["seed"]),
-                config_for(sigma),
-                x_train,
-                y_train,
-                accelerator,
-                progress,
-                timed,
-                f"{stage}_{sigma:g}",
-                {**data_key, **key, "sigma": sigma},
+                r,
+                folder=r.out / f"{b.folder}-sigma{sigma:g}",
+                make=lambda: _fresh(r.model_kwargs, r.num_classes, cfg.seed),
+                config=b.config_for(sigma),
+                stage=f"{b.stage}_{sigma:g}",
+                key={**r.data_key, **b.key, "sigma": sigma},
             )
-            for sigma in cfg["sigmas"]
+            for sigma in cfg.sigmas
         }
-    dds_dir = out / "dds"
-    if cfg["dds"]["enabled"]:
-        dds_key = {**data_key, "model": cfg["model"], "dds": cfg["dds"]}
-        claim_folder(dds_dir / "stage.json", dds_key, _has_files(dds_dir), main)
-    if cfg["dds"]["enabled"] and main and not (dds_dir / "model_index.json").is_file():
-        d = cfg["dds"]
-        torch.manual_seed(cfg["seed"])
-        unet, sched = small_unet(size, channels), DDPMScheduler(num_train_timesteps=1000)
-        timed(
-            "train_dds_unet",
-            lambda: train_ddpm(
-                unet,
-                sched,
-                x_train,
-                d["unet_steps"],
-                d["batch_size"],
-                seed=cfg["seed"],
-                progress=progress,
-                device=accelerator.device,
-            ),
-        )
-        clean = FinetuneConfig(
-            sigma=1e-3,
-            probe_steps=0,
-            steps=d["classifier_steps"],
-            batch_size=d["batch_size"],
-            layer_decay=1.0,
-            num_noise_samples=1,
-            consistency_weight=0.0,
-            seed=cfg["seed"],
-        )
-        clf, _ = timed(
-            "train_dds_classifier",
-            lambda: finetune(
-                _fresh(model_kw, classes, cfg["seed"]),
-                x_train,
-                y_train,
-                clean,
-                accelerator,
-                progress=progress,
-            ),
-        )
-        DDSPipeline(unet=unet, scheduler=sched, classifier=clf).save_pretrained(dds_dir)
-    accelerator.wait_for_everyone()
+    return methods, baselines
 
-    # 4. certification of every method on one class-balanced, strided test subset
-    if main:
-        cc = cfg["certify"]
-        sub = strided_class_subset(y_test, cc["per_class"])
-        images, labels = x_test[sub].float() / 255.0, y_test[sub]
-        table = {
-            name: (lambda s, paths=paths: _pipeline(paths[s]).base_classifier(s))
-            for name, paths in methods.items()
-        }
-        if cfg["dds"]["enabled"]:
-            dds = DDSPipeline.from_pretrained(dds_dir)
-            table["DDS"] = dds.base_classifier
-        rows = timed(
-            "certify",
-            lambda: certify_methods(
-                table,
-                images,
-                labels,
-                cfg["sigmas"],
-                cc["n0"],
-                cc["n"],
-                cc["alpha"],
-                cc["batch_size"],
-                cfg["seed"],
-                progress,
-            ),
+
+def _finetuned(
+    r: _Run, *, folder: Path, make: Callable[[], RRCMModel], config: FinetuneConfig, stage: str, key: dict
+) -> Path:
+    """``folder/pipeline``: the model ``make()`` returns, fine-tuned with ``config`` (unless there)."""
+    claim_folder(folder / "stage.json", key, _has_files(folder), r.main)
+    pipe_dir = folder / "pipeline"
+    if not (pipe_dir / "model_index.json").is_file():
+        with r.timed(stage):
+            model, _ = finetune(
+                make(), r.x_train, r.y_train, config, r.accelerator, folder, progress=r.progress
+            )
+        if r.main:
+            RRCMPipeline(model=model, scheduler=cm_scheduler()).save_pretrained(pipe_dir)
+        r.accelerator.wait_for_everyone()
+    return pipe_dir
+
+
+def _train_dds(r: _Run) -> None:
+    dds, dds_dir = r.cfg.dds, r.out / "dds"
+    if not dds.enabled:
+        return
+    key = {**r.data_key, "model": r.cfg.model, "dds": asdict(dds)}
+    claim_folder(dds_dir / "stage.json", key, _has_files(dds_dir), r.main)
+    if not r.main or (dds_dir / "model_index.json").is_file():
+        return
+    torch.manual_seed(r.cfg.seed)
+    unet = small_unet(r.x_train.shape[-1], r.x_train.shape[1])
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    with r.timed("train_dds_unet"):
+        train_ddpm(
+            unet,
+            scheduler,
+            r.x_train,
+            dds.unet_steps,
+            dds.batch_size,
+            seed=r.cfg.seed,
+            progress=r.progress,
+            device=r.accelerator.device,
         )
-        notes = (
-            f"{cfg['dataset']} test, {len(labels)} images ({cc['per_class']} per class, strided), "
-            f"CERTIFY n0={cc['n0']}, n={cc['n']}, alpha={cc['alpha']}; noise in [0, 1] pixel space."
+    clean = dds.classifier_config(r.cfg.seed)
+    with r.timed("train_dds_classifier"):
+        model = _fresh(r.model_kwargs, r.num_classes, r.cfg.seed)
+        classifier, _ = finetune(model, r.x_train, r.y_train, clean, r.accelerator, progress=r.progress)
+    DDSPipeline(unet=unet, scheduler=scheduler, classifier=classifier).save_pretrained(dds_dir)
+
+
+def _certify_and_report(
+    r: _Run, *, methods: dict[str, dict[float, Path]], baselines: dict[str, _Baseline]
+) -> None:
+    cfg, cc = r.cfg, r.cfg.certify
+    sub = strided_class_subset(r.y_test, cc.per_class)
+    images, labels = r.x_test[sub].float() / 255.0, r.y_test[sub]  # (n, C, H, W) in [0, 1], (n,)
+    table = {name: (lambda s, p=paths: _pipeline(p[s]).base_classifier(s)) for name, paths in methods.items()}
+    if cfg.dds.enabled:
+        table["DDS"] = DDSPipeline.from_pretrained(r.out / "dds").base_classifier
+    with r.timed("certify"):
+        rows = certify_methods(
+            table,
+            images,
+            labels,
+            cfg.sigmas,
+            n0=cc.n0,
+            n=cc.n,
+            alpha=cc.alpha,
+            batch_size=cc.batch_size,
+            seed=cfg.seed,
+            progress=r.progress,
         )
-        paths = write_report(rows, out / "report", f"Certified accuracy (%) — {cfg['dataset']}", notes)
-        # each rRCM pipeline folder gets a model card with the certified accuracy just measured
-        for row in rows:
-            if row["method"] == "rRCM":
-                f = cfg["finetune"]
-                write_model_card(
-                    methods["rRCM"][row["sigma"]],
-                    sigma=row["sigma"],
-                    data=f"{cfg['dataset']} train ({len(x_train)} images)",
-                    steps={
-                        "pretraining": cfg["pretrain"].get("steps", 0),
-                        "linear probe": f.get("probe_steps", 0),
-                        "fine-tuning": f.get("steps", 0),
-                    },
-                    certified={k: v for k, v in row.items() if k.startswith("r=")} | {"ACR": row["acr"]},
-                )
-        summary["certified"] = rows
-        summary["budgets"] = _budgets(cfg, summary["timings_s"], baselines)
-        summary["report"] = {k: str(v) for k, v in paths.items()}
-        summary["table_md"] = markdown_table(rows) + uncertainty_tables(rows)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    notes = (
+        f"{cfg.dataset} test, {len(labels)} images ({cc.per_class} per class, strided), "
+        f"CERTIFY n0={cc.n0}, n={cc.n}, alpha={cc.alpha}; noise in [0, 1] pixel space."
+    )
+    paths = write_report(rows, r.out / "report", f"Certified accuracy (%) — {cfg.dataset}", notes)
+    _write_model_cards(r, rows, methods["rRCM"])
+    r.summary["certified"] = rows
+    r.summary["budgets"] = _budgets(cfg, r.summary["timings_s"], baselines)
+    r.summary["report"] = {k: str(v) for k, v in paths.items()}
+    r.summary["table_md"] = markdown_table(rows) + uncertainty_tables(rows)
+    (r.out / "summary.json").write_text(json.dumps(r.summary, indent=2, default=str))
+
+
+def _write_model_cards(r: _Run, rows: list[dict[str, Any]], folders: dict[float, Path]) -> None:
+    """Each rRCM pipeline folder gets a model card with the certified accuracy just measured."""
+    steps = {
+        "pretraining": r.cfg.pretrain.get("steps", 0),
+        "linear probe": r.cfg.finetune.get("probe_steps", 0),
+        "fine-tuning": r.cfg.finetune.get("steps", 0),
+    }
+    for row in (row for row in rows if row["method"] == "rRCM"):
+        write_model_card(
+            folders[row["sigma"]],
+            sigma=row["sigma"],
+            data=f"{r.cfg.dataset} train ({len(r.x_train)} images)",
+            steps=steps,
+            certified={k: v for k, v in row.items() if k.startswith("r=")} | {"ACR": row["acr"]},
+        )
 
 
 def _budgets(
-    cfg: dict[str, Any], timings: dict[str, float], baselines: dict[str, tuple[Any, ...]]
+    cfg: ExperimentConfig, timings: dict[str, float], baselines: dict[str, _Baseline]
 ) -> list[dict[str, str]]:
     """Optimizer steps and wall seconds per method, per σ ("cached": a stage reused from disk)."""
 
     def wall(stage: str) -> str:
-        return " / ".join(str(timings.get(f"{stage}_{s:g}", "cached")) for s in cfg["sigmas"])
+        return " / ".join(str(timings.get(f"{stage}_{s:g}", "cached")) for s in cfg.sigmas)
 
-    p, f, d = cfg["pretrain"], cfg["finetune"], cfg["dds"]
+    p, f, dds = cfg.pretrain, cfg.finetune, cfg.dds
     rows = [
         {
             "method": "rRCM",
@@ -362,19 +514,23 @@ def _budgets(
             "wall_s": f"{timings.get('pretrain', 'cached')} (shared) + {wall('finetune_rrcm')}",
         }
     ]
-    for name, (_, stage, config_for, _) in baselines.items():  # the configs they were trained with
-        rows.append({"method": name, "steps": str(config_for(cfg["sigmas"][0]).steps), "wall_s": wall(stage)})
-    if d["enabled"]:
+    for name, b in baselines.items():  # the configs they were trained with
+        rows.append(
+            {"method": name, "steps": str(b.config_for(cfg.sigmas[0]).steps), "wall_s": wall(b.stage)}
+        )
+    if dds.enabled:
+        stages = ("train_dds_unet", "train_dds_classifier")
         rows.append(
             {
                 "method": "DDS",
-                "steps": f"{d['unet_steps']} UNet + {d['classifier_steps']} classifier (all σ)",
-                "wall_s": " + ".join(
-                    str(timings.get(k, "cached")) for k in ("train_dds_unet", "train_dds_classifier")
-                ),
+                "steps": f"{dds.unet_steps} UNet + {dds.classifier_steps} classifier (all σ)",
+                "wall_s": " + ".join(str(timings.get(k, "cached")) for k in stages),
             }
         )
     return rows
+
+
+# ----------------------------------------------------------------------------- small helpers
 
 
 def _seeded(seed: int, make: Callable[..., RRCMModel], *args: Any, **kwargs: Any) -> RRCMModel:
@@ -388,17 +544,8 @@ def _fresh(model_kw: dict[str, Any], classes: int, seed: int) -> RRCMModel:
     return _seeded(seed, RRCMModel, **{**model_kw, "projection_dim": 0, "num_classes": classes})
 
 
-def _finetuned(
-    folder: Path, make, config: FinetuneConfig, x, y, accelerator, progress, timed, name, key: dict[str, Any]
-) -> Path:
-    claim_folder(folder / "stage.json", key, _has_files(folder), accelerator.is_main_process)
-    pipe_dir = folder / "pipeline"
-    if not (pipe_dir / "model_index.json").is_file():
-        model, _ = timed(name, lambda: finetune(make(), x, y, config, accelerator, folder, progress=progress))
-        if accelerator.is_main_process:
-            RRCMPipeline(model=model, scheduler=cm_scheduler()).save_pretrained(pipe_dir)
-        accelerator.wait_for_everyone()
-    return pipe_dir
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _pipeline(path: Path) -> RRCMPipeline:

@@ -12,7 +12,13 @@ from torch import nn
 import shared_dist
 
 from .modeling_rrcm import RRCMModel, info_nce
-from .trajectory import CERTIFY_NUM_SCALES, SIGMA_MIN, grid_sigma_for_sigma, karras_sigmas
+from .trajectory import (
+    CERTIFY_NUM_SCALES,
+    SIGMA_MIN,
+    add_smoothing_noise,
+    karras_sigmas,
+    noise_level_for_sigma,
+)
 
 
 class RRCMPretrainingLoss(nn.Module):
@@ -76,18 +82,7 @@ class RRCMPretrainingLoss(nn.Module):
         Returns:
             dict with ``loss`` (to back-propagate), ``instance`` and ``consistency``.
         """
-        if not x.shape == view_a.shape == view_b.shape:
-            raise ValueError(
-                f"x, view_a, view_b must have one shape, got {x.shape}, {view_a.shape}, {view_b.shape}"
-            )
-        if x.shape[0] * shared_dist.get_world_size() < 2:
-            raise ValueError(
-                f"the contrastive loss needs a batch of at least 2 across ranks, got x of shape {tuple(x.shape)}"
-            )
-        if not 0 <= grid_index <= num_scales - 2:
-            raise ValueError(f"grid_index must be in [0, {num_scales - 2}], got {grid_index}")
-        if noise is not None and noise.shape != x.shape:
-            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+        _check_pretraining_inputs(x, view_a, view_b, grid_index, num_scales, noise)
         eps = (
             noise
             if noise is not None
@@ -98,16 +93,12 @@ class RRCMPretrainingLoss(nn.Module):
 
         zero = x.new_zeros(())
         instance = zero
-        if self.instance_weight:
-            qa = online(view_a + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection  # (B, P)
-            with torch.no_grad():
-                kb = target(view_b + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection
-            instance = info_nce(qa, kb, self.tau)
+        if self.instance_weight:  # views at the lowest noise level, online vs EMA target, both ways
+            instance = self._instance_nce(online, target, view_a + SIGMA_MIN * eps, view_b + SIGMA_MIN * eps)
             if self.symmetric:
-                qb = online(view_b + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection
-                with torch.no_grad():
-                    ka = target(view_a + SIGMA_MIN * eps, SIGMA_MIN, output_projection=True).projection
-                instance = instance + info_nce(qb, ka, self.tau)
+                instance = instance + self._instance_nce(
+                    online, target, view_b + SIGMA_MIN * eps, view_a + SIGMA_MIN * eps
+                )
 
         consistency = zero
         if self.consistency_weight:
@@ -118,6 +109,29 @@ class RRCMPretrainingLoss(nn.Module):
 
         loss = self.instance_weight * instance + self.consistency_weight * consistency
         return {"loss": loss, "instance": instance.detach(), "consistency": consistency.detach()}
+
+    def _instance_nce(
+        self, online: RRCMModel, target: RRCMModel, a: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        q = online(a, SIGMA_MIN, output_projection=True).projection  # (B, P)
+        with torch.no_grad():
+            k = target(b, SIGMA_MIN, output_projection=True).projection  # (B, P)
+        return info_nce(q, k, self.tau)
+
+
+def _check_pretraining_inputs(x, view_a, view_b, grid_index: int, num_scales: int, noise) -> None:
+    if not x.shape == view_a.shape == view_b.shape:
+        raise ValueError(
+            f"x, view_a, view_b must have one shape, got {x.shape}, {view_a.shape}, {view_b.shape}"
+        )
+    if x.shape[0] * shared_dist.get_world_size() < 2:
+        raise ValueError(
+            f"the contrastive loss needs a batch of at least 2 across ranks, got x of shape {tuple(x.shape)}"
+        )
+    if not 0 <= grid_index <= num_scales - 2:
+        raise ValueError(f"grid_index must be in [0, {num_scales - 2}], got {grid_index}")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
 
 
 class RRCMFinetuningLoss(nn.Module):
@@ -154,7 +168,7 @@ class RRCMFinetuningLoss(nn.Module):
         self.sigma, self.m = float(sigma), num_noise_samples
         self.lam = (10.0 if sigma <= 0.25 else 20.0) if consistency_weight is None else consistency_weight
         self.eta = entropy_weight
-        self.grid_sigma = grid_sigma_for_sigma(sigma, num_scales)
+        self.noise_level = noise_level_for_sigma(sigma, num_scales)  # s for σ
 
     def forward(
         self,
@@ -168,8 +182,8 @@ class RRCMFinetuningLoss(nn.Module):
         if labels.shape != (b,):
             raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
         x = images.repeat(self.m, 1, 1, 1)  # (m*B, C, H, W), copy i of image j at row i*B + j
-        x = x + 2.0 * self.sigma * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        logits = model(x, self.grid_sigma).logits  # (m*B, K)
+        x = add_smoothing_noise(x, self.sigma, generator)
+        logits = model(x, self.noise_level).logits  # (m*B, K)
         ce = F.cross_entropy(logits, labels.repeat(self.m))
         log_p = F.log_softmax(logits, dim=-1).view(self.m, b, -1)  # (m, B, K)
         p_bar = log_p.exp().mean(0)  # (B, K)

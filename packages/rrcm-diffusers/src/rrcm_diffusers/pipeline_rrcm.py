@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 
 from .certification import certify, predict, with_autocast
 from .modeling_rrcm import RRCMModel
-from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, grid_sigma_for_sigma
+from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, noise_level_for_sigma
 
 CITATION = """@inproceedings{lei2025robust,
   title={Robust Representation Consistency Model via Contrastive Denoising},
@@ -101,7 +101,7 @@ class RRCMPipeline(DiffusionPipeline):
         (``torch.bfloat16``) it runs under autocast; see `certification.with_autocast`."""
         if self.model.classifier is None:
             raise ValueError("the pipeline's model has no classifier head; fine-tune it first")
-        level = grid_sigma_for_sigma(sigma, self.scheduler.config.num_train_timesteps)
+        level = noise_level_for_sigma(sigma, self.scheduler.config.num_train_timesteps)
         model = self.model.eval()
 
         def f(x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +161,10 @@ class RRCMPipeline(DiffusionPipeline):
             self.base_classifier(sigma, autocast_dtype),
             x,
             sigma,
-            num_samples,
-            alpha,
-            batch_size,
-            generator,
+            num_samples=num_samples,
+            alpha=alpha,
+            batch_size=batch_size,
+            generator=generator,
             progress=not self._progress_disabled(),
         )
         if not return_dict:
@@ -204,11 +204,11 @@ class RRCMPipeline(DiffusionPipeline):
             self.base_classifier(sigma, autocast_dtype),
             x,
             sigma,
-            n0,
-            n,
-            alpha,
-            batch_size,
-            generator,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            batch_size=batch_size,
+            generator=generator,
             progress=not self._progress_disabled(),
         )
         if not return_dict:

@@ -47,9 +47,19 @@ def certify_methods(
             clf = make(sigma)
             gen = torch.Generator().manual_seed(seed)
             start = time.perf_counter()
-            res = certify(clf, images, sigma, n0, n, alpha, batch_size, gen, progress=progress)
+            res = certify(
+                clf,
+                images,
+                sigma,
+                n0=n0,
+                n=n,
+                alpha=alpha,
+                batch_size=batch_size,
+                generator=gen,
+                progress=progress,
+            )
             seconds = time.perf_counter() - start
-            rows.append(summary_row(name, sigma, res, labels, n0, n, alpha, seconds))
+            rows.append(summary_row(name, sigma, res, labels, n0=n0, n=n, alpha=alpha, seconds=seconds))
     return rows
 
 

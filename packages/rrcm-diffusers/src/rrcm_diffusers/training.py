@@ -31,10 +31,11 @@ import shared_dist
 from ._atomic import write_text_atomic
 from .augment import light_view, strong_view
 from .data import to_model_space
+from .evaluation import extract_features, linear_probe_accuracy, noisy_accuracy  # noqa: F401  (their old home)
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
 from .modeling_rrcm import RRCMModel
 from .pipeline_rrcm import RRCMPipeline, write_model_card
-from .trajectory import grid_sigma_for_sigma, icm_num_scales, sample_grid_index
+from .trajectory import icm_num_scales, sample_grid_index
 
 
 @dataclass
@@ -111,19 +112,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _save_checkpoint(
-    out: Path,
-    step: int,
-    accelerator: Accelerator,
-    models: dict,
-    optimizer,
-    scheduler,
-    generator: torch.Generator | None = None,
-) -> None:
+def _save_checkpoint(loop: _Loop, step: int) -> None:
     """``out/checkpoint-<step>``, written whole or not at all: everything goes into
     ``checkpoint-<step>.tmp`` first, which is renamed when complete (a kill leaves only a
     ``.tmp`` folder, which resume ignores). ``generator``: every rank's state is kept, so a
     resumed run draws the same noise as an uninterrupted one."""
+    out, accelerator, generator = loop.checkpoint_dir, loop.accelerator, loop.generator
     states = shared_dist.gather_object(generator.get_state()) if generator is not None else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -131,14 +125,18 @@ def _save_checkpoint(
         if tmp.exists():  # our own leftover from a killed save
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        for name, model in models.items():
+        for name, model in loop.models.items():
             accelerator.unwrap_model(model).save_pretrained(tmp / name)
-        save_optimizer(optimizer, tmp / "optimizer")
+        save_optimizer(loop.optimizer, tmp / "optimizer")
         if states is not None:
             save_file({f"rank{r}": s for r, s in enumerate(states)}, str(tmp / "rng_states.safetensors"))
         (tmp / "trainer_state.json").write_text(
             json.dumps(
-                {"step": step, "scheduler": scheduler.state_dict(), "world_size": accelerator.num_processes}
+                {
+                    "step": step,
+                    "scheduler": loop.scheduler.state_dict(),
+                    "world_size": accelerator.num_processes,
+                }
             )
         )
         if final.exists():  # a checkpoint of this step from before a resume: replaced whole
@@ -245,7 +243,129 @@ def _log(out: Path | None, accelerator: Accelerator, record: dict, prefix: str, 
             f.write(json.dumps(record) + "\n")
 
 
+# ----------------------------------------------------------------------------- the loop both stages share
+
+
+def _run_dir(output_dir: str | Path | None) -> Path | None:
+    out = Path(output_dir) if output_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _rank_generator(seed: int, accelerator: Accelerator) -> torch.Generator:
+    """Noise and augmentations differ per rank (each rank has other images); seeded per rank."""
+    return torch.Generator(device=accelerator.device).manual_seed(seed * 1000 + accelerator.process_index)
+
+
+def _progress_bar(steps: range, progress: bool, accelerator: Accelerator, desc: str) -> tqdm:
+    return tqdm(steps, disable=not (progress and accelerator.is_main_process), desc=desc)
+
+
+@dataclass
+class _Loop:
+    """What a training loop carries from step to step; ``update`` and ``end_step`` are the parts of
+    a step that pretraining and fine-tuning share."""
+
+    accelerator: Accelerator
+    model: Any  # prepared (DDP-wrapped on several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config: PretrainConfig | FinetuneConfig
+    out: Path | None  # the run folder: log.jsonl
+    models: dict[str, Any]  # saved in each checkpoint, by folder name
+    checkpoint_dir: Path | None = None  # None: no checkpoints
+    generator: torch.Generator | None = None  # its state is saved too: exact resume
+    step_offset: int = 0  # steps of earlier phases: the trackers' step only grows (wandb requires it)
+
+    def update(self, loss: torch.Tensor, clip: float) -> tuple[float, bool]:
+        """Backward, clip, step, zero. A non-finite gradient norm (of the all-reduced gradients, so
+        the same on every rank) skips the update on every rank alike; the lr schedule advances
+        either way. Returns (grad norm, skipped)."""
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        skipped = not torch.isfinite(torch.as_tensor(grad_norm)).item()
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), skipped
+
+    def end_step(
+        self, record: dict, prefix: str, step: int, steps: int, bar: tqdm, show: tuple[str, ...]
+    ) -> None:
+        """After optimizer step ``step`` (1-based, of ``steps``): log every ``log_every`` steps and
+        at the end (the bar shows the ``show`` keys of ``record``), checkpoint every ``checkpoint_every``."""
+        if step % self.config.log_every == 0 or step == steps:
+            bar.set_postfix(
+                {k: f"{record[k]:.3f}" if isinstance(record[k], float) else record[k] for k in show}
+            )
+            _log(self.out, self.accelerator, record, prefix, self.step_offset + step)
+        every = self.config.checkpoint_every
+        if self.checkpoint_dir is not None and every and step % every == 0:
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        _save_checkpoint(self, step)
+
+
 # ----------------------------------------------------------------------------- pretraining
+
+
+def _resume_pretraining(out: Path | None, accelerator: Accelerator, *modules) -> tuple[Path, dict] | None:
+    """Load ``modules`` (model, target, optimizer, scheduler) from the newest complete checkpoint in
+    ``out`` and drop the log records written after it; None when there is none (or no ``out``)."""
+    loaded = _load_pretrain_checkpoint(out, *modules) if out else None
+    if loaded and accelerator.is_main_process:
+        _trim_log(out, loaded[1]["step"])
+    return loaded
+
+
+def _restore_generator(
+    gen: torch.Generator, ckpt: Path, state: dict, accelerator: Accelerator, seed: int
+) -> None:
+    """This rank's generator as it was at the checkpoint, so the noise after resume is the same."""
+    rng = ckpt / "rng_states.safetensors"
+    if rng.is_file() and state.get("world_size") == accelerator.num_processes:
+        gen.set_state(load_file(str(rng))[f"rank{accelerator.process_index}"])
+    else:  # an older checkpoint, or another number of processes: resumes, but not bit-exactly
+        warnings.warn(
+            f"{ckpt} holds no generator state for this run; the noise after resume differs", stacklevel=3
+        )
+        gen.manual_seed(seed * 1000 + accelerator.process_index + state["step"])
+
+
+def _pretrain_step(loop: _Loop, target: RRCMModel, loss_fn: RRCMPretrainingLoss, batch, step: int) -> dict:
+    config, gen = loop.config, loop.generator
+    # 1. grid size for this step (icm doubling) and one index n shared by all ranks
+    num_scales = icm_num_scales(step, config.steps, config.icm_s0, config.icm_s1)
+    n = sample_grid_index(num_scales, gen)
+    # 2. one light and two strong views of the batch (B, C, H, W) in [-1, 1]
+    x = to_model_space(batch)
+    views = (
+        light_view(x, config.augment, gen),
+        strong_view(x, config.augment, gen),
+        strong_view(x, config.augment, gen),
+    )
+    # 3. loss and update; no clipping during warmup
+    losses = loss_fn(loop.model, target, *views, grid_index=n, num_scales=num_scales, generator=gen)
+    grad_norm, skipped = loop.update(
+        losses["loss"], config.grad_clip if step >= config.warmup_steps else math.inf
+    )
+    # 4. EMA target, from the updated online network
+    rate = ema_rate(step, config.steps, config.ema_start, config.ema_end, schedule=config.ema_schedule)
+    if not skipped:
+        update_ema(target, loop.accelerator.unwrap_model(loop.model), rate)
+    losses = {k: float(v.detach()) for k, v in losses.items()}
+    return {
+        "step": step + 1,
+        "N": num_scales,
+        "n": n,
+        "ema": rate,
+        "skipped": skipped,
+        "grad_norm": grad_norm,
+        **losses,
+    }
 
 
 def pretrain(
@@ -265,107 +385,43 @@ def pretrain(
     _check_images(images)
     if config.steps < 0:
         raise ValueError(f"config.steps must be >= 0, got {config.steps}")
-    accelerator = accelerator or Accelerator()
-    out = Path(output_dir) if output_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     if model.projector is None:
         raise ValueError("pretraining needs a projector: build the model with projection_dim > 0")
+    accelerator = accelerator or Accelerator()
+    out = _run_dir(output_dir)
+    # 1. models, optimizer, schedule; their state from the newest complete checkpoint
     target = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    start, ckpt = 0, None
-    loaded = _load_pretrain_checkpoint(out, model, target, optimizer, scheduler) if (out and resume) else None
-    if loaded is not None:
-        ckpt, state = loaded
-        start = state["step"]
-        if accelerator.is_main_process:
-            _trim_log(out, start)
-    loader = DataLoader(
-        TensorDataset(images),
-        batch_size=config.batch_size,
-        sampler=EpochShuffle(len(images), config.seed),
-        drop_last=True,
-    )
+    loaded = _resume_pretraining(out if resume else None, accelerator, model, target, optimizer, scheduler)
+    start = loaded[1]["step"] if loaded else 0
+    # 2. data in a per-epoch order that does not depend on the epochs before it (exact resume)
+    sampler = EpochShuffle(len(images), config.seed)
+    loader = DataLoader(TensorDataset(images), batch_size=config.batch_size, sampler=sampler, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     target.to(accelerator.device)
+    gen = _rank_generator(config.seed, accelerator)
+    if loaded:
+        _restore_generator(gen, *loaded, accelerator, config.seed)
+    # 3. the loop
+    models = {"online": model, "target": target}  # saved in each checkpoint, by folder name
+    loop = _Loop(accelerator, model, optimizer, scheduler, config, out=out, models=models, checkpoint_dir=out)
+    loop.generator = gen  # its state is saved with each checkpoint too
     loss_fn = RRCMPretrainingLoss(
         config.tau, config.instance_weight, config.consistency_weight, config.symmetric_instance
     )
-    # noise and augmentations differ per rank (different images), the grid index does not
-    gen = torch.Generator(device=accelerator.device).manual_seed(
-        config.seed * 1000 + accelerator.process_index
-    )
-    if ckpt is not None:
-        rng = ckpt / "rng_states.safetensors"
-        if rng.is_file() and state.get("world_size") == accelerator.num_processes:
-            gen.set_state(load_file(str(rng))[f"rank{accelerator.process_index}"])
-        else:  # an older checkpoint, or another number of processes: resumes, but not bit-exactly
-            warnings.warn(
-                f"{ckpt} holds no generator state for this run; the noise after resume differs", stacklevel=2
-            )
-            gen.manual_seed(config.seed * 1000 + accelerator.process_index + start)
-    history: list[dict] = []
-    bar = tqdm(
-        range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc="pretrain"
-    )
     batches = _batches(loader, start, config.batch_size, accelerator.num_processes)
+    bar = _progress_bar(range(start, config.steps), progress, accelerator, "pretrain")
+    history: list[dict] = []
     model.train()
     target.train()
     for step in bar:
         (batch,) = next(batches)
-        # 1. grid size for this step (icm doubling) and one shared index
-        num_scales = icm_num_scales(step, config.steps, config.icm_s0, config.icm_s1)
-        n = sample_grid_index(num_scales, gen)
-        # 2. views
-        x = to_model_space(batch)
-        views = (
-            light_view(x, config.augment, gen),
-            strong_view(x, config.augment, gen),
-            strong_view(x, config.augment, gen),
-        )
-        # 3. loss and update; a non-finite gradient norm skips the step on every rank alike
-        losses = loss_fn(model, target, *views, grid_index=n, num_scales=num_scales, generator=gen)
-        accelerator.backward(losses["loss"])
-        clip = config.grad_clip if step >= config.warmup_steps else math.inf
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        skipped = not torch.isfinite(torch.as_tensor(grad_norm)).item()
-        if not skipped:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # 4. EMA target
-        rate = ema_rate(step, config.steps, config.ema_start, config.ema_end, schedule=config.ema_schedule)
-        if not skipped:
-            update_ema(target, accelerator.unwrap_model(model), rate)
-        record = {
-            "step": step + 1,
-            "N": num_scales,
-            "n": n,
-            "ema": rate,
-            "skipped": skipped,
-            "grad_norm": float(grad_norm),
-            **{k: float(v.detach()) for k, v in losses.items()},
-        }
-        history.append(record)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                inst=f"{record['instance']:.3f}",
-                cons=f"{record['consistency']:.3f}",
-                N=num_scales,
-            )
-            _log(out, accelerator, record, "pretrain", step + 1)
-        if out is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            _save_checkpoint(
-                out, step + 1, accelerator, {"online": model, "target": target}, optimizer, scheduler, gen
-            )
-    online = accelerator.unwrap_model(model)
+        history.append(r := _pretrain_step(loop, target, loss_fn, batch, step))
+        loop.end_step(r, "pretrain", step + 1, config.steps, bar, show=("loss", "instance", "consistency"))
     if out is not None and start < config.steps:
-        _save_checkpoint(
-            out, config.steps, accelerator, {"online": model, "target": target}, optimizer, scheduler, gen
-        )
-    return online, target, history
+        loop.save(config.steps)
+    return accelerator.unwrap_model(model), target, history
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -391,6 +447,56 @@ def param_groups_lrd(model: RRCMModel, lr: float, weight_decay: float, layer_dec
     return list(groups.values())
 
 
+def _check_labels(labels: torch.Tensor, num_images: int, num_classes: int) -> None:
+    if (
+        labels.shape != (num_images,)
+        or labels.dtype != torch.long
+        or (labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < num_classes))
+    ):
+        raise ValueError(
+            f"labels must be int64 class ids in [0, {num_classes}) (the head's num_classes), one per image; "
+            f"got {tuple(labels.shape)} {labels.dtype}"
+            + (f" in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else "")
+        )
+
+
+def _finetune_phase(
+    model: RRCMModel,
+    phase: str,
+    steps: int,
+    *,
+    data: tuple,
+    config: FinetuneConfig,
+    accelerator: Accelerator,
+    out: Path | None,
+    step_offset: int,
+) -> tuple[_Loop, DataLoader]:
+    """Optimizer, schedule and loader of one phase: "probe" trains the head alone, "finetune" all
+    layers with layer-wise lr decay. Returns its `_Loop` (prepared model, optimizer, schedule) and
+    the prepared loader; checkpoints (if any) go to ``<run folder>/<phase>``."""
+    model = accelerator.unwrap_model(model)
+    model.backbone.requires_grad_(phase == "finetune")  # before prepare: DDP sees the right params
+    if phase == "probe":
+        optimizer = torch.optim.AdamW(model.classifier.parameters(), lr=config.probe_lr, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(
+            param_groups_lrd(model, config.lr, config.weight_decay, config.layer_decay)
+        )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 10), steps)
+    loader = DataLoader(
+        TensorDataset(*data),  # (images, labels)
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(config.seed + (phase == "finetune")),
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ckpt_dir = out / phase if out else None
+    loop = _Loop(accelerator, model, optimizer, scheduler, config, out=out, models={"model": model})
+    loop.checkpoint_dir, loop.step_offset = ckpt_dir, step_offset
+    return loop, loader
+
+
 def finetune(
     model: RRCMModel,
     images: torch.Tensor,
@@ -411,146 +517,50 @@ def finetune(
     if model.classifier is None:
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
     _check_images(images)
-    k = model.classifier.out_features
-    if (
-        labels.shape != (images.shape[0],)
-        or labels.dtype != torch.long
-        or (labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < k))
-    ):
-        raise ValueError(
-            f"labels must be int64 class ids in [0, {k}) (the head's num_classes), one per image; got "
-            f"{tuple(labels.shape)} {labels.dtype}"
-            + (f" in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else "")
-        )
+    _check_labels(labels, images.shape[0], model.classifier.out_features)
     accelerator = accelerator or Accelerator()
-    out = Path(output_dir) if output_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = _run_dir(output_dir)
     loss_fn = RRCMFinetuningLoss(
         config.sigma, config.num_noise_samples, config.consistency_weight, config.entropy_weight
     )
-    gen = torch.Generator(device=accelerator.device).manual_seed(
-        config.seed * 1000 + accelerator.process_index
-    )
+    gen = _rank_generator(config.seed, accelerator)
     history: list[dict] = []
-    phases = [("probe", config.probe_steps), ("finetune", config.steps)]
     done = 0  # steps of the phases before, so that the trackers' step keeps growing
-    for phase, steps in phases:
+    for phase, steps in [("probe", config.probe_steps), ("finetune", config.steps)]:
         if steps <= 0:
             continue
-        model = accelerator.unwrap_model(model)
-        model.backbone.requires_grad_(phase == "finetune")  # before prepare: DDP sees the right params
-        if phase == "probe":
-            optimizer = torch.optim.AdamW(model.classifier.parameters(), lr=config.probe_lr, weight_decay=0.0)
-        else:
-            optimizer = torch.optim.AdamW(
-                param_groups_lrd(model, config.lr, config.weight_decay, config.layer_decay)
-            )
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 10), steps)
-        loader = DataLoader(
-            TensorDataset(images, labels),
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(config.seed + (phase == "finetune")),
+        loop, loader = _finetune_phase(
+            model,
+            phase,
+            steps,
+            data=(images, labels),
+            config=config,
+            accelerator=accelerator,
+            out=out,
+            step_offset=done,
         )
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        model.train()
+        model = loop.model.train()
         batches = _batches(loader, 0, config.batch_size, accelerator.num_processes)
-        bar = tqdm(range(steps), disable=not (progress and accelerator.is_main_process), desc=phase)
+        bar = _progress_bar(range(steps), progress, accelerator, phase)
         for step in bar:
             x, y = next(batches)
             losses = loss_fn(model, to_model_space(x), y, generator=gen)
-            accelerator.backward(losses["loss"])
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if torch.isfinite(torch.as_tensor(grad_norm)).item():
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loop.update(losses["loss"], config.grad_clip)
             record = {"phase": phase, "step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}}
             history.append(record)
-            if (step + 1) % config.log_every == 0 or step + 1 == steps:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-                _log(out, accelerator, record, phase, done + step + 1)
-            if out is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(out / phase, step + 1, accelerator, {"model": model}, optimizer, scheduler)
+            loop.end_step(record, phase, step + 1, steps, bar, show=("loss", "accuracy"))
         done += steps
     model = accelerator.unwrap_model(model)
     model.requires_grad_(True)
     if out is not None and accelerator.is_main_process:
-        RRCMPipeline(model=model).save_pretrained(out / "final")
-        write_model_card(
-            out / "final",
-            sigma=config.sigma,
-            data=data or f"{images.shape[0]} images of shape {tuple(images.shape[1:])}",
-            steps={"linear probe": config.probe_steps, "fine-tuning": config.steps},
+        _save_final(
+            out, model, config, data or f"{images.shape[0]} images of shape {tuple(images.shape[1:])}"
         )
-        (out / "finetune_config.json").write_text(json.dumps(asdict(config)))
     return model, history
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def extract_features(
-    model: RRCMModel, images: torch.Tensor, sigma: float | None, batch_size: int = 256, seed: int = 0
-) -> torch.Tensor:
-    """LN(CLS) features of uint8 images, with smoothing noise σ (pixel space) or clean (None)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    level = grid_sigma_for_sigma(sigma) if sigma else 0.002
-    feats = []
-    for chunk in images.split(batch_size):
-        x = to_model_space(chunk)
-        if sigma:
-            x = x + 2 * sigma * torch.randn(x.shape, generator=gen)
-        feats.append(model(x.to(model.device), level).features.float().cpu())
-    return torch.cat(feats)
-
-
-def linear_probe_accuracy(
-    model: RRCMModel,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    sigma: float | None,
-    steps: int = 300,
-    seed: int = 0,
-) -> float:
-    """Accuracy of a linear classifier trained on frozen (noisy) features of ``train``, on ``test``."""
-    torch.manual_seed(seed)
-    f_tr, f_te = (
-        extract_features(model, train[0], sigma, seed=seed),
-        extract_features(model, test[0], sigma, seed=seed + 1),
-    )
-    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
-    f_tr, f_te = (f_tr - mu) / sd, (f_te - mu) / sd
-    head = torch.nn.Linear(f_tr.shape[1], int(train[1].max()) + 1)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(f_tr), train[1]).backward()
-        opt.step()
-    return (head(f_te).argmax(1) == test[1]).float().mean().item()
-
-
-@torch.no_grad()
-def noisy_accuracy(
-    model: RRCMModel,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    sigma: float | None,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> float:
-    """Top-1 accuracy of the classifier on one noisy copy per image (σ in pixel space)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    level = grid_sigma_for_sigma(sigma) if sigma else 0.002
-    correct = 0
-    for xb, yb in zip(images.split(batch_size), labels.split(batch_size)):
-        x = to_model_space(xb)
-        if sigma:
-            x = x + 2 * sigma * torch.randn(x.shape, generator=gen)
-        correct += (model(x.to(model.device), level).logits.argmax(1).cpu() == yb).sum().item()
-    return correct / len(labels)
+def _save_final(out: Path, model: RRCMModel, config: FinetuneConfig, data: str) -> None:
+    RRCMPipeline(model=model).save_pretrained(out / "final")
+    steps = {"linear probe": config.probe_steps, "fine-tuning": config.steps}
+    write_model_card(out / "final", sigma=config.sigma, data=data, steps=steps)
+    (out / "finetune_config.json").write_text(json.dumps(asdict(config)))

@@ -4,15 +4,22 @@ Grid: ``CMStochasticIterativeScheduler(num_train_timesteps=N, sigma_min=0.002, s
 sigma_data=0.5, rho=7).sigmas`` — the Karras grid, index 0 = s_max, index N-1 = s_min.
 Time condition: the same scheduler's ``sigma_to_t`` (250 * ln s). Input scaling:
 c_in(s) = 1 / sqrt(s^2 + sigma_data^2).
+
+Names: ``sigma`` (σ) is only ever the smoothing noise std in [0, 1] pixel space; the model's
+noise level s on the grid is ``noise_level`` (``level``). The model sees pixels in [-1, 1],
+where smoothing noise σ has std 2σ: `noise_level_for_sigma` and `add_smoothing_noise` are that
+convention, written once. (``RRCMModel.forward`` keeps its ``sigma=`` keyword for s until 0.2.)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import torch
 from diffusers import CMStochasticIterativeScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 import shared_dist
 
@@ -89,6 +96,23 @@ def grid_index_for_sigma(sigma: float, num_scales: int = CERTIFY_NUM_SCALES) -> 
     return int(torch.argmin((sigmas - 2.0 * float(sigma)).abs()).item())
 
 
-def grid_sigma_for_sigma(sigma: float, num_scales: int = CERTIFY_NUM_SCALES) -> float:
-    """The conditioning level s used for smoothing noise ``sigma`` (nearest grid point to 2*sigma)."""
+def noise_level_for_sigma(sigma: float, num_scales: int = CERTIFY_NUM_SCALES) -> float:
+    """The noise level s the model is conditioned on for smoothing noise ``sigma``: the grid point
+    nearest to 2σ."""
     return float(karras_sigmas(num_scales)[grid_index_for_sigma(sigma, num_scales)])
+
+
+def grid_sigma_for_sigma(sigma: float, num_scales: int = CERTIFY_NUM_SCALES) -> float:
+    """Deprecated name of `noise_level_for_sigma` (0.1.0)."""
+    warnings.warn(
+        "grid_sigma_for_sigma is deprecated; use noise_level_for_sigma", FutureWarning, stacklevel=2
+    )
+    return noise_level_for_sigma(sigma, num_scales)
+
+
+def add_smoothing_noise(
+    x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``x`` (pixels in [-1, 1]) plus smoothing noise σ of [0, 1] pixel space, i.e. std 2σ here;
+    drawn with ``randn_tensor`` on the generator's device, then moved to ``x``'s."""
+    return x + 2.0 * sigma * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -98,33 +98,41 @@ def launch(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(
-                r,
-                world_size,
-                port,
-                backend,
-                pg_timeout or timeout,
-                threads,
-                dict(env or {}),
-                fn,
-                args,
-                results,
-            ),
-            # not daemonic, so a rank can start dataloader workers; the finally below ends every rank
-            daemon=False,
-        )
-        for r in range(world_size)
-    ]
+    worker_args = (
+        world_size,
+        port,
+        backend,
+        pg_timeout or timeout,
+        threads,
+        dict(env or {}),
+        fn,
+        args,
+        results,
+    )
+    # not daemonic, so a rank can start dataloader workers; _collect ends every rank
+    procs = [ctx.Process(target=_worker, args=(r, *worker_args), daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
+    done = _collect(procs, results, timeout)
+    failures = {r: msg for r, (ok, msg) in sorted(done.items()) if not ok}
+    missing = [r for r in range(world_size) if r not in done]
+    if failures:
+        text = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
+        extra = f" (ranks {missing} killed while waiting)" if missing else ""
+        raise RuntimeError(f"{len(failures)} of {world_size} ranks failed{extra}:\n{text}")
+    if missing:
+        raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s")
+    return [pickle.loads(done[r][1]) for r in range(world_size)]
+
+
+def _collect(procs: list, results, timeout: float) -> dict[int, tuple[bool, Any]]:
+    """Each rank's (ok, payload) as it reports, until all did, ``timeout`` passed, or 5 s after a
+    failure (so the others' errors show too); then every process still alive is ended."""
     done: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
-    grace: float | None = None  # after a failure, give the others a moment to report too
+    grace: float | None = None
     try:
-        while len(done) < world_size:
+        while len(done) < len(procs):
             now = time.monotonic()
             if now > deadline or (grace is not None and now > grace):
                 break
@@ -146,12 +154,4 @@ def launch(
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    failures = {r: msg for r, (ok, msg) in sorted(done.items()) if not ok}
-    missing = [r for r in range(world_size) if r not in done]
-    if failures:
-        text = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
-        extra = f" (ranks {missing} killed while waiting)" if missing else ""
-        raise RuntimeError(f"{len(failures)} of {world_size} ranks failed{extra}:\n{text}")
-    if missing:
-        raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s")
-    return [pickle.loads(done[r][1]) for r in range(world_size)]
+    return done

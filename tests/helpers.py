@@ -1,0 +1,47 @@
+"""Paths and launchers the tests of all three packages share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+# `accelerate launch --cpu --num_processes 2` silently runs ONE process on a CPU-only
+# machine; --multi_gpu with ACCELERATE_USE_CPU starts two gloo ranks.
+LAUNCH = [
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def accelerate_launch(
+    script: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes running ``script``; output captured, never hangs."""
+    env = dict(
+        os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {})
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *LAUNCH,
+        "--main_process_port",
+        "0",
+        str(script),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
