@@ -53,6 +53,55 @@ def test_window_rule(s_init, s_cur, advances):
         assert math.isnan(st.s_init[1]) and math.isnan(st.s_cur[1])  # the new window starts fresh
 
 
+def mined_store(initial_score=None) -> NegativeStore:
+    """One example, 30 candidates whose mining scores fall from 0.9 by 0.01 per rank."""
+    cands = torch.arange(30).view(1, 30)
+    scores = (0.9 - 0.01 * torch.arange(30, dtype=torch.float32)).view(1, 30)
+    return NegativeStore(cands, 5, 10, candidate_scores=scores, initial_score=initial_score)
+
+
+def test_initial_score_is_the_windows_mining_score_so_one_observation_can_move_it():
+    st = mined_store()  # the default with mining scores: "mined"
+    assert st.initial_score == "mined"
+    assert float(st.s_init[0]) == pytest.approx(0.9 - 0.01 * 12)  # ranks 10..14: mean score 0.78
+    assert st.check()["checked"] == 0  # nothing observed yet: no S_cur, no decision
+    st.observe(torch.tensor([0]), torch.tensor([0.60]))  # 1.15 * 0.60 = 0.69 < 0.78
+    assert st.check()["advanced"] == 1 and st.window_span(0) == (15, 20)
+    assert float(st.s_init[0]) == pytest.approx(0.9 - 0.01 * 17) and math.isnan(st.s_cur[0])
+    st.observe(torch.tensor([0]), torch.tensor([0.65]))  # 0.7475 > 0.73: still hard
+    assert st.check()["advanced"] == 0
+    # "observed": the first observation becomes S_init, so the same trace moves nothing
+    old = mined_store("observed")
+    assert math.isnan(old.s_init[0])
+    old.observe(torch.tensor([0]), torch.tensor([0.60]))
+    assert old.check()["advanced"] == 0
+    with pytest.raises(ValueError, match="initial_score='mined' needs candidate_scores"):
+        NegativeStore(torch.arange(30).view(1, 30), 5, 10, initial_score="mined")
+    with pytest.raises(ValueError, match="initial_score must be"):
+        mined_store("first")
+
+
+def test_a_saved_store_keeps_its_mining_scores_and_initial_score_rule(tmp_path):
+    st = mined_store()
+    st.observe(torch.tensor([0]), torch.tensor([0.60]))
+    st.check()
+    st.save(tmp_path / "a")
+    back = NegativeStore.load(tmp_path / "a")
+    assert back.initial_score == "mined" and torch.equal(back.candidate_scores, st.candidate_scores)
+    assert torch.equal(back.window, st.window)
+    torch.testing.assert_close(back.s_init, st.s_init, equal_nan=True)
+    # a state saved under the other rule is refused, not silently mixed
+    observed = mined_store("observed")
+    observed.save(tmp_path / "b")
+    assert NegativeStore.load(tmp_path / "b").initial_score == "observed"
+    with pytest.raises(ValueError, match="other candidate lists"):
+        mined_store().load_state_dict(observed.state_dict())
+    plain = NegativeStore(torch.arange(30).view(1, 30), 5, 10)  # no scores: "observed", as before
+    plain.save(tmp_path / "c")
+    with pytest.raises(ValueError, match="has no mining scores"):
+        mined_store().load_state(tmp_path / "c")
+
+
 def test_windows_follow_the_paper_and_the_end_policy():
     st = store(q=1, depth=30, n=5, skip=10)
     spans = []

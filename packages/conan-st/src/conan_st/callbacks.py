@@ -45,10 +45,14 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
         loss: a :class:`~conan_st.CrossGPUBalancingLoss`; with ``score_source="loss"`` its
             similarities give S_cur for free.
         interval: steps between checks (100 in the paper).
-        ratio, abs_bound: the rule's 1.15 and 0.8.
+        ratio, abs_bound: the rule's 1.15 and 0.8. S_init is the score when the window was
+            assigned (see ``initial_score`` of :meth:`from_pairs` and :class:`~conan_st.mining.NegativeStore`).
+            With ``score_source="loss"``, S_cur is measured in training mode (dropout on), which
+            lowers cosines a little against the mining scores (eval mode); ``"rescore"`` measures
+            both alike.
         score_source: ``"loss"`` (free: scores of the rows the loss saw since the last check)
             or ``"rescore"`` (re-embed the queries and current negatives of every example, or of
-            ``rescore_sample`` random ones, at each check).
+            ``rescore_sample`` random ones, at each check; each rank re-embeds its share).
     """
 
     def __init__(
@@ -108,12 +112,15 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
         backend: str | None = None,
         positive_ratio: float | None = None,
         end_policy: str = "stay",
+        initial_score: str = "mined",
         **kwargs: Any,
     ) -> DynamicHardNegativeMiningCallback:
         """Mine candidate lists for (anchor, positive) ``pairs`` and build the callback.
 
         The corpus is the deduplicated positives plus ``extra_documents``; candidates come from
         ``miner`` (default: ``model``, the model being trained) through the search backend.
+        ``initial_score``: S_init of a window is its candidates' mean mining score (``"mined"``,
+        the paper's) or the first score observed after it was assigned (``"observed"``).
         """
         missing = [c for c in ("anchor", "positive") if c not in pairs.column_names]
         if missing:
@@ -136,7 +143,9 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             backend=backend,
             positive_ratio=positive_ratio,
         )
-        store = NegativeStore(cand, num_negatives, skip, end_policy, candidate_scores=scores)
+        store = NegativeStore(
+            cand, num_negatives, skip, end_policy, candidate_scores=scores, initial_score=initial_score
+        )
         return cls(store, list(pairs["anchor"]), corpus, positives=list(pairs["positive"]), **kwargs)
 
     def train_dataset(self, pairs: Dataset, balanced: bool = True) -> Dataset:
@@ -186,6 +195,9 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             if self.rescore_sample and self.rescore_sample < len(ids):
                 g = torch.Generator().manual_seed(len(self.history))
                 ids = torch.randperm(len(ids), generator=g)[: self.rescore_sample].sort().values.tolist()
+            ids = ids[
+                shared_dist.get_rank() :: shared_dist.get_world_size()
+            ]  # a shard per rank; merged below
             was_training = model.training
             model.eval()
             s = rescore(model, self.store, self.queries, self.corpus, ids, self.batch_size)

@@ -13,8 +13,12 @@
 4. :class:`~conan_st.callbacks.DynamicHardNegativeMiningCallback` applies the paper's rule
    every ``interval`` steps.
 
-Scores: S is the mean cosine between a query and its current negatives. S_init is the
-first S observed after a window is assigned; S_cur the latest one. With
+Scores: S is the mean cosine between a query and its current negatives. S_init is, as in the
+paper, the score when the window was assigned: the mean mining score of its candidates
+(``initial_score="mined"``, the default when the store has the mining scores), so the rule can
+act on an example's first observation; ``"observed"`` takes the first S observed after the
+assignment instead (a window then needs two observations, i.e. two passes over the data, before
+it can move). S_cur is the latest S observed. With
 ``score_source="loss"`` (free) they come from the similarities the loss already computed for
 the rows it saw; with ``"rescore"`` every check re-embeds the queries and their negatives.
 
@@ -164,7 +168,18 @@ class NegativeStore:
         skip: int = 10,
         end_policy: str = "stay",
         candidate_scores: torch.Tensor | None = None,
+        initial_score: str | None = None,
     ) -> None:
+        initial_score = initial_score or ("mined" if candidate_scores is not None else "observed")
+        if initial_score not in ("mined", "observed"):
+            raise ValueError(f"initial_score must be 'mined' or 'observed', got {initial_score!r}")
+        if initial_score == "mined" and (
+            candidate_scores is None or candidate_scores.shape != candidates.shape
+        ):
+            raise ValueError(
+                "initial_score='mined' needs candidate_scores of the candidates' shape "
+                f"{tuple(candidates.shape)}, got {None if candidate_scores is None else tuple(candidate_scores.shape)}"
+            )
         if candidates.dim() != 2:
             raise ValueError(f"candidates must be (num_examples, depth), got {tuple(candidates.shape)}")
         if num_negatives < 1 or skip < 0:
@@ -197,7 +212,10 @@ class NegativeStore:
         self.s_init = torch.full((q,), float("nan"))
         self.s_cur = torch.full((q,), float("nan"))
         self.assignments = torch.ones(q, dtype=torch.long)  # how many windows each example has had
+        self.initial_score = initial_score
         self._fingerprint = self._hash_candidates()
+        for i in range(q):
+            self._assign(i)
 
     def __len__(self) -> int:
         return self.candidates.shape[0]
@@ -233,8 +251,18 @@ class NegativeStore:
     def _can_advance(self, i: int) -> bool:
         return (int(self.window[i]) + 1) * self.n + self.skip + self.n <= int(self.valid[i])
 
+    def _assign(self, i: int) -> None:
+        """Example ``i`` has a new window: no S_cur yet; S_init its candidates' mean mining score
+        ("mined") or the next observation ("observed")."""
+        self.s_cur[i] = float("nan")
+        if self.initial_score == "mined":
+            start, stop = self.window_span(i)
+            self.s_init[i] = float(self.candidate_scores[i, start:stop].float().nanmean())
+        else:
+            self.s_init[i] = float("nan")
+
     def observe(self, example_ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """Record S (mean query·negative cosine) for examples; the first after assignment is S_init."""
+        """Record S (mean query·negative cosine) for examples: S_cur, and S_init where it is not set."""
         ids = example_ids.long().cpu()
         s = scores.detach().float().cpu()
         self.s_cur[ids] = s
@@ -259,7 +287,7 @@ class NegativeStore:
                 continue
             advanced += 1
             self.assignments[i] += 1
-            self.s_init[i] = self.s_cur[i] = float("nan")
+            self._assign(i)
         return {
             "checked": int(seen.sum()),
             "advanced": advanced,
@@ -280,6 +308,8 @@ class NegativeStore:
         # once per candidate matrix (it changes only in load_state), not at every checkpoint
         h = hashlib.sha256(self.candidates.numpy().tobytes())
         h.update(f"{tuple(self.candidates.shape)}/{self.n}/{self.skip}/{self.end_policy}".encode())
+        if self.initial_score == "mined":  # (states saved with "observed" keep their fingerprint)
+            h.update(b"/mined")
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
@@ -302,8 +332,15 @@ class NegativeStore:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"candidates": self.candidates, **{k: getattr(self, k) for k in self._DYNAMIC}}
+        if self.candidate_scores is not None:
+            tensors["candidate_scores"] = self.candidate_scores.float()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "dhnm_store.safetensors"))
-        meta = {"num_negatives": self.n, "skip": self.skip, "end_policy": self.end_policy}
+        meta = {
+            "num_negatives": self.n,
+            "skip": self.skip,
+            "end_policy": self.end_policy,
+            "initial_score": self.initial_score,
+        }
         (folder / "dhnm_store.json").write_text(json.dumps(meta))
 
     def load_state(self, folder: str | Path) -> None:
@@ -322,7 +359,14 @@ class NegativeStore:
                 f"the negative-mining state in {folder} is for {tuple(t['candidates'].shape)} candidates, "
                 f"this store holds {tuple(self.candidates.shape)}: not the same training data"
             )
+        if self.initial_score == "mined" and "candidate_scores" not in t:
+            raise ValueError(
+                f"the negative-mining state in {folder} has no mining scores, which initial_score='mined' "
+                "needs for the windows it assigns: build the store with initial_score='observed'"
+            )
         self.candidates.copy_(t["candidates"])
+        if "candidate_scores" in t:
+            self.candidate_scores = t["candidate_scores"]
         self.valid = (self.candidates >= 0).sum(1)
         self._fingerprint = self._hash_candidates()
         t.setdefault("served", t["window"])  # files written before the served snapshot existed
@@ -334,7 +378,14 @@ class NegativeStore:
         folder = Path(folder)
         meta = json.loads((folder / "dhnm_store.json").read_text())
         t = load_file(str(folder / "dhnm_store.safetensors"))
-        store = cls(t["candidates"], meta["num_negatives"], meta["skip"], meta["end_policy"])
+        store = cls(
+            t["candidates"],
+            meta["num_negatives"],
+            meta["skip"],
+            meta["end_policy"],
+            candidate_scores=t.get("candidate_scores"),
+            initial_score=meta.get("initial_score", "observed"),  # files from before the option
+        )
         store.load_state(folder)
         return store
 
