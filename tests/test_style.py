@@ -77,3 +77,9 @@ def test_no_import_cycle_inside_a_package(package: Path):
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as err:
         pytest.fail(f"import cycle in {package.name}: {' -> '.join(err.args[1])}")
+
+
+def test_the_loss_and_the_sampler_do_not_import_the_miner():
+    root = REPO / "packages/conan-st/src/conan_st"
+    for path in (root / "losses/cross_gpu_balancing.py", root / "sampler.py", root / "model_card.py"):
+        assert "conan_st.mining" not in _module_imports(path, root), f"{path.name} imports conan_st.mining"

@@ -23,7 +23,7 @@ from conan_st import (
     make_balanced_datasets,
 )
 from conan_st.builtin_plugins import PositiveRatioFilter
-from conan_st.mining import MAX_EXAMPLE_ID, id_to_label, label_to_id
+from conan_st.labels import MAX_EXAMPLE_ID, id_to_label, label_to_id
 from shared_dist import DistributedOperationError
 from shared_dist.testing import launch
 from tests.conan.helpers import DOCS, PAIRS, load_minilm, sts_rows

@@ -18,7 +18,7 @@ from conan_st import (
 )
 from conan_st import hooks as conan_hooks
 from conan_st.builtin_plugins import FaissSearch, TorchSearch
-from conan_st.mining import id_to_label, label_to_id
+from conan_st.labels import id_to_label, label_to_id
 from conan_st.pairs import filter_prompt_response_pairs
 from shared_dist.testing import launch
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from rrcm_diffusers import RRCMModel, RRCMPipeline
 from rrcm_diffusers.certification import certify, predict
 from rrcm_diffusers.training import FinetuneConfig, PretrainConfig, finetune, latest_checkpoint, pretrain
+from tests.helpers import REPO
 from tests.rrcm.helpers import tiny_model
 
 IMAGES = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -396,3 +397,35 @@ def test_experiment_config_is_typed_per_section_and_round_trips(tmp_path):
     # the Cohen baseline's trainer config follows its section
     ft = cfg.cohen.finetune_config(0.5, seed=3)
     assert (ft.num_noise_samples, ft.consistency_weight, ft.seed, ft.probe_steps) == (2, None, 3, 0)
+
+
+@pytest.mark.timeout(300)
+def test_pretraining_loss_ablations_are_rows_of_the_same_table(tmp_path, data_dir):
+    import json
+
+    from rrcm_diffusers.experiment import load_config, run
+
+    cfg = _tiny_experiment(data_dir)
+    cfg.ablations = {"rRCM, instance term only": {"consistency_weight": 0.0}}
+    summary = run(cfg, tmp_path, Accelerator(cpu=True), progress=False)
+    methods = {row["method"] for row in summary["certified"]}
+    assert methods == {"rRCM", "rRCM, instance term only"}
+    own = json.loads((tmp_path / "pretrain-rrcm-instance-term-only" / "history.json").read_text())
+    assert all(h["consistency"] == 0.0 for h in own)  # the term is off in the ablation ...
+    assert any(
+        h["consistency"] != 0.0 for h in json.loads((tmp_path / "pretrain" / "history.json").read_text())
+    )
+    assert (tmp_path / "rrcm-instance-term-only-sigma0.5" / "pipeline" / "model_index.json").is_file()
+    assert [b["method"] for b in summary["budgets"]] == ["rRCM", "rRCM, instance term only"]
+    with pytest.raises(ValueError, match=r"unknown key 'instance_weigth' in ablation 'x'.*did you mean"):
+        load_config(None, ablations={"x": {"instance_weigth": 0.0}})
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "examples/rrcm/configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads(path):
+    from rrcm_diffusers.experiment import load_config
+
+    cfg = load_config(path)
+    assert cfg.sigmas and all(0 < s < 10 for s in cfg.sigmas)

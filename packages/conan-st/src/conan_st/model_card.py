@@ -16,7 +16,7 @@ from textwrap import indent
 import torch
 from transformers.modelcard import make_markdown_table
 
-from .mining import is_id_label, label_to_id
+from .labels import is_id_label, label_to_id
 
 RETRIEVAL_COLUMNS = ("anchor", "positive")
 STS_COLUMNS = ("sentence1", "sentence2", "score")

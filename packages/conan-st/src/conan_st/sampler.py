@@ -12,8 +12,8 @@ from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler, 
 from torch.utils.data import BatchSampler, ConcatDataset
 
 from .data import negative_columns
+from .labels import ID_LABEL_BASE
 from .layout import TaskLayout
-from .mining import ID_LABEL_BASE
 
 logger = logging.getLogger(__name__)
 

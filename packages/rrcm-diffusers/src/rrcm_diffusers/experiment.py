@@ -31,7 +31,8 @@ from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
 from .pipeline_rrcm import RRCMPipeline, write_model_card
 from .report import certify_methods, markdown_table, uncertainty_tables, write_report
-from .training import FinetuneConfig, PretrainConfig, finetune, pretrain
+from .training import FinetuneConfig, PretrainConfig, finetune
+from .training import pretrain as pretrain_encoder
 from .trajectory import CERTIFY_NUM_SCALES, grid_scheduler
 
 # ----------------------------------------------------------------------------- the config
@@ -135,6 +136,10 @@ class ExperimentConfig:
     dds: DDSConfig = field(default_factory=DDSConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
+    # pretraining-loss ablations: report row name -> `PretrainConfig` fields on top of ``pretrain``,
+    # e.g. {"rRCM, instance term only": {"consistency_weight": 0.0}}; each row is pretrained and
+    # fine-tuned per σ exactly as rRCM is, in its own folders
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | Path | None = None) -> ExperimentConfig:
@@ -151,6 +156,12 @@ class ExperimentConfig:
             merged[name] = v
         for name, known in _SECTIONS.items():
             _check_keys(f"section {name!r}", set(merged[name]), known(), source)
+        for row, overrides in merged["ablations"].items():
+            if not isinstance(overrides, dict):
+                raise ValueError(
+                    f"ablation {row!r} must map PretrainConfig fields to values, got {overrides!r}"
+                )
+            _check_keys(f"ablation {row!r}", set(overrides), _SECTIONS["pretrain"](), source)
         typed = {name: _SECTION_TYPES[name](**merged[name]) for name in _SECTION_TYPES}
         return cls(**{**merged, **typed})
 
@@ -239,7 +250,10 @@ class _Run:
 
     @property
     def pretrain_key(self) -> dict[str, Any]:
-        return {**self.data_key, "model": self.cfg.model, "pretrain": self.cfg.pretrain}
+        return self.pretrain_key_for(self.cfg.pretrain)
+
+    def pretrain_key_for(self, pretrain: dict[str, Any]) -> dict[str, Any]:
+        return {**self.data_key, "model": self.cfg.model, "pretrain": pretrain}
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -289,16 +303,18 @@ def run(
     return r.summary
 
 
-def _pretrain_stage(r: _Run) -> RRCMModel:
-    pre_dir = r.out / "pretrain"
-    claim_folder(pre_dir / "stage.json", r.pretrain_key, _has_files(pre_dir), r.main)
+def _pretrain_stage(r: _Run, folder: str = "pretrain", pretrain: dict[str, Any] | None = None) -> RRCMModel:
+    """The encoder pretrained with ``pretrain`` (default: the config's section) into ``out/folder``."""
+    pretrain = r.cfg.pretrain if pretrain is None else pretrain
+    pre_dir = r.out / folder
+    claim_folder(pre_dir / "stage.json", r.pretrain_key_for(pretrain), _has_files(pre_dir), r.main)
     if (pre_dir / "online" / "config.json").is_file():
         return RRCMModel.from_pretrained(pre_dir / "online")
     torch.manual_seed(r.cfg.seed)
     augment = "grey" if r.x_train.shape[1] == 1 else "rgb"
-    config = section_config(PretrainConfig, r.cfg.pretrain, augment=augment, seed=r.cfg.seed)
-    with r.timed("pretrain"):
-        online, _, history = pretrain(
+    config = section_config(PretrainConfig, pretrain, augment=augment, seed=r.cfg.seed)
+    with r.timed(folder):
+        online, _, history = pretrain_encoder(
             RRCMModel(**r.model_kwargs),
             r.x_train,
             config,
@@ -309,11 +325,12 @@ def _pretrain_stage(r: _Run) -> RRCMModel:
     if r.main:
         online.save_pretrained(pre_dir / "online")
         (pre_dir / "history.json").write_text(json.dumps(history))
-    r.summary["pretrain_loss"] = {
-        "first10": _mean(history[:10], "loss"),
-        "last10": _mean(history[-10:], "loss"),
-    }
-    r.summary["s_per_pretrain_step"] = r.summary["timings_s"]["pretrain"] / max(len(history), 1)
+    if folder == "pretrain":
+        r.summary["pretrain_loss"] = {
+            "first10": _mean(history[:10], "loss"),
+            "last10": _mean(history[-10:], "loss"),
+        }
+        r.summary["s_per_pretrain_step"] = r.summary["timings_s"]["pretrain"] / max(len(history), 1)
     return online
 
 
@@ -372,18 +389,15 @@ def _baselines(cfg: ExperimentConfig) -> dict[str, _Baseline]:
 
 
 def _train_methods(r: _Run, online: RRCMModel) -> tuple[dict[str, dict[float, Path]], dict[str, _Baseline]]:
-    """rRCM and each baseline fine-tuned per σ; returns {method: {σ: pipeline folder}} and the baselines."""
+    """rRCM, its ablations and each baseline fine-tuned per σ; returns {method: {σ: pipeline folder}}
+    and the baselines."""
     cfg = r.cfg
-    methods: dict[str, dict[float, Path]] = {"rRCM": {}}
-    for sigma in cfg.sigmas:
-        methods["rRCM"][sigma] = _finetuned(
-            r,
-            folder=r.out / f"rrcm-sigma{sigma:g}",
-            make=lambda: _seeded(cfg.seed, online.for_classification, r.num_classes),
-            config=section_config(FinetuneConfig, cfg.finetune, sigma=sigma, seed=cfg.seed),
-            stage=f"finetune_rrcm_{sigma:g}",
-            key={**r.pretrain_key, "finetune": cfg.finetune, "sigma": sigma},
-        )
+    methods = {"rRCM": _finetuned_rrcm(r, online, folder="rrcm", pretrain=cfg.pretrain)}
+    for name, overrides in cfg.ablations.items():
+        slug = _slug(name)
+        pretrain = {**cfg.pretrain, **overrides}
+        encoder = _pretrain_stage(r, folder=f"pretrain-{slug}", pretrain=pretrain)
+        methods[name] = _finetuned_rrcm(r, encoder, folder=slug, pretrain=pretrain)
     baselines = _baselines(cfg)
     for name, b in baselines.items():
         methods[name] = {
@@ -398,6 +412,29 @@ def _train_methods(r: _Run, online: RRCMModel) -> tuple[dict[str, dict[float, Pa
             for sigma in cfg.sigmas
         }
     return methods, baselines
+
+
+def _finetuned_rrcm(
+    r: _Run, encoder: RRCMModel, *, folder: str, pretrain: dict[str, Any]
+) -> dict[float, Path]:
+    """``encoder`` with a new head, fine-tuned per σ into ``out/<folder>-sigma<σ>``."""
+    cfg = r.cfg
+    return {
+        sigma: _finetuned(
+            r,
+            folder=r.out / f"{folder}-sigma{sigma:g}",
+            make=lambda: _seeded(cfg.seed, encoder.for_classification, r.num_classes),
+            config=section_config(FinetuneConfig, cfg.finetune, sigma=sigma, seed=cfg.seed),
+            stage=f"finetune_{folder}_{sigma:g}",
+            key={**r.pretrain_key_for(pretrain), "finetune": cfg.finetune, "sigma": sigma},
+        )
+        for sigma in cfg.sigmas
+    }
+
+
+def _slug(name: str) -> str:
+    """A folder name for a report row name: "rRCM, instance term only" -> "rrcm-instance-term-only"."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def _finetuned(
@@ -514,6 +551,15 @@ def _budgets(
             "wall_s": f"{timings.get('pretrain', 'cached')} (shared) + {wall('finetune_rrcm')}",
         }
     ]
+    for name in cfg.ablations:
+        slug = _slug(name)
+        rows.append(
+            {
+                "method": name,
+                "steps": f"{ {**p, **cfg.ablations[name]}['steps'] } pretraining (own) + {f['probe_steps']} probe + {f['steps']}",
+                "wall_s": f"{timings.get(f'pretrain-{slug}', 'cached')} (own) + {wall(f'finetune_{slug}')}",
+            }
+        )
     for name, b in baselines.items():  # the configs they were trained with
         rows.append(
             {"method": name, "steps": str(b.config_for(cfg.sigmas[0]).steps), "wall_s": wall(b.stage)}

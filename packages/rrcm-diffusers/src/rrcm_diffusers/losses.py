@@ -1,4 +1,10 @@
-"""rRCM training objectives: contrastive pretraining along the trajectory, and noisy fine-tuning."""
+"""rRCM training objectives: contrastive pretraining along the trajectory, and noisy fine-tuning.
+
+The paper's letters, used in names and docstrings here: N the grid size and n an index on it
+(``num_scales``, ``grid_index``); s a noise level on the grid and σ the smoothing noise in [0, 1]
+pixel space (see `trajectory`); τ the InfoNCE temperature (``tau``); m the noisy copies per image
+(``num_noise_samples``); λ the consistency weight and η the entropy weight of fine-tuning.
+"""
 
 from __future__ import annotations
 

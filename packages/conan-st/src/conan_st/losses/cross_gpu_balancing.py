@@ -14,8 +14,8 @@ from torch import Tensor, nn
 import shared_dist
 from shared_dist import DistributedOperationError
 
+from ..labels import is_id_label, label_to_id
 from ..layout import TaskLayout
-from ..mining import is_id_label, label_to_id
 
 
 class CrossGPUBalancingLoss(nn.Module):
