@@ -180,3 +180,33 @@ def test_last_complete_checkpoint_skips_what_cannot_be_resumed(tmp_path):
     ]:
         assert any(f"checkpoint-{step}:" in r and why in r for r in reasons), (step, reasons)
     assert (tmp_path / "checkpoint-12").is_dir()  # skipped, never deleted
+
+
+def test_last_complete_checkpoint_wants_every_ranks_rng_state(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    def ckpt(step, ranks, cut=None):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+        for r in ranks:
+            torch.save({"cpu": torch.random.get_rng_state()}, folder / f"rng_state_{r}.pth")
+        if cut is not None:
+            path = folder / f"rng_state_{cut}.pth"
+            path.write_bytes(path.read_bytes()[:100])
+
+    ckpt(4, [0, 1])
+    ckpt(6, [0, 1], cut=1)
+    ckpt(8, [0])  # killed before rank 1 saved its RNG state; rank 0 had written trainer_state.json
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    reasons = " | ".join(str(w.message) for w in caught)
+    assert (
+        "checkpoint-8: no rng_state_1.pth" in reasons
+        and "checkpoint-6: rng_state_1.pth is cut short" in reasons
+    )
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process resume of a two-process run: transformers' call
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")

@@ -12,8 +12,10 @@ drop-in replacement that skips such folders with a warning::
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 from safetensors import safe_open
@@ -43,6 +45,23 @@ def _problem(folder: Path, step: int) -> str | None:
                 pass
         except Exception as err:  # safetensors raises several types for a bad header
             return f"{path.name} is damaged ({err})"
+    return _rng_problem(folder)
+
+
+def _rng_problem(folder: Path) -> str | None:
+    """Every rank writes its own ``rng_state_<rank>.pth`` with no barrier before rank 0 writes
+    ``trainer_state.json``, so a kill can leave a folder that looks whole but lacks another rank's
+    RNG state: the resumed run would not be the uninterrupted one. Checked for this job's ranks
+    (``WORLD_SIZE``), when the folder was written by several processes."""
+    if not (folder / "rng_state_0.pth").is_file():
+        return None  # one process (rng_state.pth), or no RNG state saved at all (save_only_model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for rank in range(world):
+        path = folder / f"rng_state_{rank}.pth"
+        if not path.is_file():
+            return f"no {path.name} (rank {rank} had not saved its RNG state when the run stopped)"
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no index
+            return f"{path.name} is cut short or damaged"
     return None
 
 
