@@ -18,11 +18,5 @@ def _minilm_once():
 
 @pytest.fixture
 def minilm(_minilm_once):
-    """The real small model, loaded once per session; each test gets a copy it may change."""
-    return copy.deepcopy(_minilm_once)
-
-
-@pytest.fixture
-def fresh_minilm(_minilm_once):
-    """A model of its own, for tests that train it."""
+    """The real small model, loaded once per session; each test gets a copy of its own (to change or train)."""
     return copy.deepcopy(_minilm_once)

@@ -165,10 +165,10 @@ def test_trainer_runs_every_step_without_false_negatives(world):
                 assert len(texts) == len(set(texts)), cfg
 
 
-def test_single_process_trainer_steps_and_epochs(fresh_minilm, tmp_path):
-    fresh_minilm.max_seq_length = 32
+def test_single_process_trainer_steps_and_epochs(minilm, tmp_path):
+    minilm.max_seq_length = 32
     cfg = {"ret": 5, "sts": 4, "pdbs": 3, "workers": 0, "drop_last": False, "epochs": 2}
-    res = _train(fresh_minilm, cfg, str(tmp_path))
+    res = _train(minilm, cfg, str(tmp_path))
     assert res["global_step"] == len(res["steps"]) == _expected_steps(cfg) == 16
     for step in res["steps"]:
         _assert_no_false_negatives(step)
@@ -343,12 +343,12 @@ def test_resume_from_a_moved_checkpoint_is_exact(tmp_path):
     assert any("dhnm/advanced" in h for h in full_logs)  # check statistics reach the trainer's logs
 
 
-def test_moved_windows_are_served_from_the_next_pass(fresh_minilm, tmp_path):
-    loss = CrossGPUBalancingLoss(fresh_minilm)
+def test_moved_windows_are_served_from_the_next_pass(minilm, tmp_path):
+    loss = CrossGPUBalancingLoss(minilm)
     rec = _Recorder(loss)
-    cb = _callback(fresh_minilm, loss, interval=3, ratio=1e-6, abs_bound=1.0)
+    cb = _callback(minilm, loss, interval=3, ratio=1e-6, abs_bound=1.0)
     # 3 steps an epoch: the check at step 3 moves windows; step 4 opens the next pass
-    _mining_trainer(fresh_minilm, loss, cb, tmp_path, 4, 100).train()
+    _mining_trainer(minilm, loss, cb, tmp_path, 4, 100).train()
     assert cb.history[0]["dhnm/advanced"] > 0 and int(cb.store.window.sum()) == cb.history[0]["dhnm/advanced"]
     assert torch.equal(cb.store.served, cb.store.window)
     anchors = list(PAIRS["anchor"])
@@ -397,16 +397,16 @@ def test_observation_of_a_row_served_under_an_older_window_is_dropped():
     assert 0 in cb._pending
 
 
-def test_check_statistics_reach_a_tracker_callback(fresh_minilm, tmp_path):
+def test_check_statistics_reach_a_tracker_callback(minilm, tmp_path):
     seen = []
 
     class Tracker(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    loss = CrossGPUBalancingLoss(fresh_minilm)
-    cb = _callback(fresh_minilm, loss, interval=2)
-    trainer = _mining_trainer(fresh_minilm, loss, cb, tmp_path, 4, 100)
+    loss = CrossGPUBalancingLoss(minilm)
+    cb = _callback(minilm, loss, interval=2)
+    trainer = _mining_trainer(minilm, loss, cb, tmp_path, 4, 100)
     trainer.add_callback(Tracker())
     trainer.train()
     stats = [h for h in seen if "dhnm/advanced" in h]
@@ -422,12 +422,12 @@ def test_positive_ratio_filter_follows_relative_margin_for_negative_positives():
     assert keep(torch.tensor([[-0.53]]), torch.tensor([-0.5])).tolist() == [[True]]
 
 
-def test_model_card_shows_each_task_its_columns_and_ids_as_ids(fresh_minilm, tmp_path):
-    fresh_minilm.max_seq_length = 32
+def test_model_card_shows_each_task_its_columns_and_ids_as_ids(minilm, tmp_path):
+    minilm.max_seq_length = 32
     pairs = shared_passage_pairs().select_columns(["anchor", "positive"])
-    loss = CrossGPUBalancingLoss(fresh_minilm)
+    loss = CrossGPUBalancingLoss(minilm)
     mining = DynamicHardNegativeMiningCallback.from_pairs(
-        fresh_minilm, pairs, num_negatives=2, skip=2, loss=loss, interval=2
+        minilm, pairs, num_negatives=2, skip=2, loss=loss, interval=2
     )
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -442,9 +442,9 @@ def test_model_card_shows_each_task_its_columns_and_ids_as_ids(fresh_minilm, tmp
     )
     train = make_balanced_datasets(mining.train_dataset(pairs), sts_rows())
     SentenceTransformerTrainer(
-        model=fresh_minilm, args=args, train_dataset=train, loss=loss, callbacks=[mining]
+        model=minilm, args=args, train_dataset=train, loss=loss, callbacks=[mining]
     ).train()
-    fresh_minilm.save_pretrained(str(tmp_path / "saved"))
+    minilm.save_pretrained(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     retrieval = card[card.index("#### retrieval") : card.index("#### sts")]
     sts = card[card.index("#### sts") :]

@@ -86,8 +86,7 @@ def test_adaptive_layer_wrappers(minilm):
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
 
 
-def test_trainer_every_step_carries_both_tasks(fresh_minilm, tmp_path):
-    minilm = fresh_minilm
+def test_trainer_every_step_carries_both_tasks(minilm, tmp_path):
     seen = []
     loss = CrossGPUBalancingLoss(minilm)
     original = loss._split_rows
@@ -120,12 +119,12 @@ def test_trainer_every_step_carries_both_tasks(fresh_minilm, tmp_path):
     assert len(logged) == 3 and all("sts" in h and math.isfinite(h["retrieval"]) for h in logged)
 
 
-def test_fit_path_trains(fresh_minilm, tmp_path, monkeypatch):
+def test_fit_path_trains(minilm, tmp_path, monkeypatch):
     from sentence_transformers.sentence_transformer.readers import InputExample
     from torch.utils.data import DataLoader
 
     monkeypatch.chdir(tmp_path)  # fit() writes checkpoints/ into the working directory
-    model = fresh_minilm
+    model = minilm
     # 22 rows in batches of 7: fit() shuffles, so steps mix the tasks at random and the last
     # batch holds one row of one task; the loss takes whatever rows a batch holds
     rows = mixed_rows(12, 10)

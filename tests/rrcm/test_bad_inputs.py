@@ -429,3 +429,19 @@ def test_every_shipped_config_loads(path):
 
     cfg = load_config(path)
     assert cfg.sigmas and all(0 < s < 10 for s in cfg.sigmas)
+
+
+@pytest.mark.parametrize(
+    "ablations, clash",
+    [
+        ({"Cohen": {"instance_weight": 0.0}}, "another method"),  # would replace the Cohen row
+        ({"scratch": {"instance_weight": 0.0}}, "another method"),  # scratch-sigma* is the baseline's
+        ({"a b": {"tau": 0.1}, "A-B": {"tau": 0.3}}, "'a b'"),  # one folder a-b-sigma* for two rows
+        ({"!!": {"tau": 0.1}}, "another method"),  # no folder name at all
+    ],
+)
+def test_an_ablation_name_must_not_clash_with_another_row(ablations, clash):
+    from rrcm_diffusers.experiment import load_config
+
+    with pytest.raises(ValueError, match=rf"needs its own report row and folder.*clashes with {clash}"):
+        load_config(None, ablations=ablations)

@@ -195,9 +195,8 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             if self.rescore_sample and self.rescore_sample < len(ids):
                 g = torch.Generator().manual_seed(len(self.history))
                 ids = torch.randperm(len(ids), generator=g)[: self.rescore_sample].sort().values.tolist()
-            ids = ids[
-                shared_dist.get_rank() :: shared_dist.get_world_size()
-            ]  # a shard per rank; merged below
+            # each rank re-embeds its share; _sync_pending below merges them on every rank
+            ids = ids[shared_dist.get_rank() :: shared_dist.get_world_size()]
             was_training = model.training
             model.eval()
             s = rescore(model, self.store, self.queries, self.corpus, ids, self.batch_size)

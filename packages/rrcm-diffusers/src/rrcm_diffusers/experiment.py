@@ -156,17 +156,37 @@ class ExperimentConfig:
             merged[name] = v
         for name, known in _SECTIONS.items():
             _check_keys(f"section {name!r}", set(merged[name]), known(), source)
-        for row, overrides in merged["ablations"].items():
-            if not isinstance(overrides, dict):
-                raise ValueError(
-                    f"ablation {row!r} must map PretrainConfig fields to values, got {overrides!r}"
-                )
-            _check_keys(f"ablation {row!r}", set(overrides), _SECTIONS["pretrain"](), source)
+        _check_ablations(merged["ablations"], source)
         typed = {name: _SECTION_TYPES[name](**merged[name]) for name in _SECTION_TYPES}
         return cls(**{**merged, **typed})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def ablation_pretrain(self, name: str) -> dict[str, Any]:
+        """The ``pretrain`` section of ablation ``name``: its overrides on top of the config's."""
+        return {**self.pretrain, **self.ablations[name]}
+
+
+# report rows and result folders the other methods use: an ablation may not take them
+_METHOD_NAMES = {"rRCM", "Cohen", "Cohen+consistency", "scratch+consistency", "DDS"}
+_METHOD_FOLDERS = {"rrcm", "cohen", "scratch"}
+
+
+def _check_ablations(ablations: dict[str, Any], source: str | Path | None) -> None:
+    folders: dict[str, str] = {}
+    for row, overrides in ablations.items():
+        if not isinstance(overrides, dict):
+            raise ValueError(f"ablation {row!r} must map PretrainConfig fields to values, got {overrides!r}")
+        _check_keys(f"ablation {row!r}", set(overrides), _SECTIONS["pretrain"](), source)
+        folder = _slug(str(row))
+        if row in _METHOD_NAMES or not folder or folder in _METHOD_FOLDERS or folder in folders:
+            taken = folders.get(folder, "another method")
+            raise ValueError(
+                f"ablation name {row!r} in {source or 'the overrides'} needs its own report row and folder "
+                f"({folder!r}-sigma*); it clashes with {taken}: choose another name"
+            )
+        folders[folder] = repr(row)
 
 
 _SECTION_TYPES = {
@@ -393,9 +413,8 @@ def _train_methods(r: _Run, online: RRCMModel) -> tuple[dict[str, dict[float, Pa
     and the baselines."""
     cfg = r.cfg
     methods = {"rRCM": _finetuned_rrcm(r, online, folder="rrcm", pretrain=cfg.pretrain)}
-    for name, overrides in cfg.ablations.items():
-        slug = _slug(name)
-        pretrain = {**cfg.pretrain, **overrides}
+    for name in cfg.ablations:
+        slug, pretrain = _slug(name), cfg.ablation_pretrain(name)
         encoder = _pretrain_stage(r, folder=f"pretrain-{slug}", pretrain=pretrain)
         methods[name] = _finetuned_rrcm(r, encoder, folder=slug, pretrain=pretrain)
     baselines = _baselines(cfg)
@@ -556,7 +575,7 @@ def _budgets(
         rows.append(
             {
                 "method": name,
-                "steps": f"{ {**p, **cfg.ablations[name]}['steps'] } pretraining (own) + {f['probe_steps']} probe + {f['steps']}",
+                "steps": f"{cfg.ablation_pretrain(name)['steps']} pretraining (own) + {f['probe_steps']} probe + {f['steps']}",
                 "wall_s": f"{timings.get(f'pretrain-{slug}', 'cached')} (own) + {wall(f'finetune_{slug}')}",
             }
         )
