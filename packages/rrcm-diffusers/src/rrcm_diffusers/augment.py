@@ -2,7 +2,8 @@
 
 BYOL-style strong views for colour images (crop, flip, colour jitter, blur, solarize) and
 a digit-friendly variant (crop/shift, blur) for grey images, applied per sample on the
-whole batch at once — no Python loop over images.
+whole batch at once — no Python loop over images. `classifier_view` is the standard CIFAR
+training augmentation (pad-4 random crop + horizontal flip) for the classifiers.
 """
 
 from __future__ import annotations
@@ -106,3 +107,32 @@ def strong_view(x: torch.Tensor, kind: str = "rgb", generator: torch.Generator |
 def light_view(x: torch.Tensor, kind: str = "rgb", generator: torch.Generator | None = None) -> torch.Tensor:
     """The trajectory view: horizontal flip only (none for digits)."""
     return random_hflip(x, generator=generator) if kind == "rgb" else x
+
+
+def random_crop(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's ``RandomCrop(size, padding)`` per sample: pad with black (-1), cut a random
+    window of the original size."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, value=-1.0)  # (B, C, H + 2p, W + 2p)
+    dy = (_rand(b, generator, x.device) * (2 * padding + 1)).long()  # (B,) in [0, 2p]
+    dx = (_rand(b, generator, x.device) * (2 * padding + 1)).long()
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]  # (B, C, H, W)
+
+
+CLASSIFIER_AUGMENTS = ("none", "crop_flip")
+
+
+def classifier_view(
+    x: torch.Tensor, kind: str = "none", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The classifiers' training augmentation, before the smoothing noise: ``"none"`` or
+    ``"crop_flip"`` (pad-4 random crop + horizontal flip, as the authors and Cohen et al. train on CIFAR-10)."""
+    if kind == "none":
+        return x
+    if kind != "crop_flip":
+        raise ValueError(f"augment must be one of {CLASSIFIER_AUGMENTS}, got {kind!r}")
+    return random_hflip(random_crop(x, generator=generator), generator=generator)

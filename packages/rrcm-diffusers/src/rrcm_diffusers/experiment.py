@@ -48,11 +48,12 @@ class CohenConfig:
     lr: float = 1.0e-3
     consistency: bool = False  # True: with rRCM's consistency regulariser ("Cohen+consistency")
 
-    def finetune_config(self, sigma: float, seed: int) -> FinetuneConfig:
+    def finetune_config(self, sigma: float, seed: int, augment: str = "none") -> FinetuneConfig:
         return FinetuneConfig(
             sigma=sigma,
             probe_steps=0,
             steps=self.steps,
+            augment=augment,
             batch_size=self.batch_size,
             lr=self.lr,
             layer_decay=1.0,
@@ -79,9 +80,10 @@ class DDSConfig:
     classifier_steps: int = 300
     batch_size: int = 64
 
-    def classifier_config(self, seed: int) -> FinetuneConfig:
+    def classifier_config(self, seed: int, augment: str = "none") -> FinetuneConfig:
         return FinetuneConfig(
             sigma=1e-3,
+            augment=augment,
             probe_steps=0,
             steps=self.classifier_steps,
             batch_size=self.batch_size,
@@ -162,6 +164,11 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def augment(self) -> str:
+        """The classifiers' training augmentation (``finetune.augment``); every method trains with it."""
+        return self.finetune.get("augment", "none")
 
     def ablation_pretrain(self, name: str) -> dict[str, Any]:
         """The ``pretrain`` section of ablation ``name``: its overrides on top of the config's."""
@@ -384,9 +391,9 @@ def _baselines(cfg: ExperimentConfig) -> dict[str, _Baseline]:
     baselines = {}
     if cfg.cohen.enabled:
         name = "Cohen+consistency" if cfg.cohen.consistency else "Cohen"
-        key = {"model": cfg.model, "cohen": asdict(cfg.cohen)}
+        key = {"model": cfg.model, "cohen": asdict(cfg.cohen), "augment": cfg.augment}
         baselines[name] = _Baseline(
-            "cohen", "train_cohen", lambda s: cfg.cohen.finetune_config(s, cfg.seed), key
+            "cohen", "train_cohen", lambda s: cfg.cohen.finetune_config(s, cfg.seed, cfg.augment), key
         )
     if cfg.scratch.enabled:
         steps = cfg.scratch.steps or cfg.pretrain["steps"] + cfg.finetune["steps"]
@@ -477,7 +484,7 @@ def _train_dds(r: _Run) -> None:
     dds, dds_dir = r.cfg.dds, r.out / "dds"
     if not dds.enabled:
         return
-    key = {**r.data_key, "model": r.cfg.model, "dds": asdict(dds)}
+    key = {**r.data_key, "model": r.cfg.model, "dds": asdict(dds), "augment": r.cfg.augment}
     claim_folder(dds_dir / "stage.json", key, _has_files(dds_dir), r.main)
     if not r.main or (dds_dir / "model_index.json").is_file():
         return
@@ -495,7 +502,7 @@ def _train_dds(r: _Run) -> None:
             progress=r.progress,
             device=r.accelerator.device,
         )
-    clean = dds.classifier_config(r.cfg.seed)
+    clean = dds.classifier_config(r.cfg.seed, r.cfg.augment)
     with r.timed("train_dds_classifier"):
         model = _fresh(r.model_kwargs, r.num_classes, r.cfg.seed)
         classifier, _ = finetune(model, r.x_train, r.y_train, clean, r.accelerator, progress=r.progress)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 import shared_dist
 
 from ._atomic import write_text_atomic
-from .augment import light_view, strong_view
+from .augment import CLASSIFIER_AUGMENTS, classifier_view, light_view, strong_view
 from .data import to_model_space
 from .evaluation import extract_features, linear_probe_accuracy, noisy_accuracy  # noqa: F401  (their old home)
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
@@ -76,6 +76,7 @@ class FinetuneConfig:
     consistency_weight: float | None = None  # λ: 10 for σ = 0.25, 20 for σ >= 0.5
     entropy_weight: float = 0.5
     grad_clip: float = 3.0
+    augment: str = "none"  # "crop_flip" for CIFAR-10: pad-4 random crop + horizontal flip
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
@@ -518,6 +519,10 @@ def finetune(
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
     _check_images(images)
     _check_labels(labels, images.shape[0], model.classifier.out_features)
+    if config.augment not in CLASSIFIER_AUGMENTS:
+        raise ValueError(
+            f"FinetuneConfig.augment must be one of {CLASSIFIER_AUGMENTS}, got {config.augment!r}"
+        )
     accelerator = accelerator or Accelerator()
     out = _run_dir(output_dir)
     loss_fn = RRCMFinetuningLoss(
@@ -544,7 +549,8 @@ def finetune(
         bar = _progress_bar(range(steps), progress, accelerator, phase)
         for step in bar:
             x, y = next(batches)
-            losses = loss_fn(model, to_model_space(x), y, generator=gen)
+            x = classifier_view(to_model_space(x), config.augment, gen)  # (B, C, H, W) in [-1, 1]
+            losses = loss_fn(model, x, y, generator=gen)
             loop.update(losses["loss"], config.grad_clip)
             record = {"phase": phase, "step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}}
             history.append(record)
