@@ -93,7 +93,7 @@ def test_backbone_plugin_by_entry_point(tmp_path, monkeypatch):
 
         monkeypatch.setenv("RRCM_DISABLE_PLUGIN_AUTOLOAD", "1")
         hooks.get_plugin_manager.cache_clear()
-        assert set(hooks.available_backbones()) == {"vit"}
+        assert set(hooks.available_backbones()) == {"vit", "resnet"}  # the built-in ones only
     finally:
         sys.modules.pop("fake_backbone_plugin", None)
         hooks.get_plugin_manager.cache_clear()

@@ -17,7 +17,7 @@ A package registers backbones by exposing a module with a ``hookimpl`` in the
 A backbone is an ``nn.Module`` built as ``cls(image_size=..., in_channels=..., **kwargs)``
 with an ``out_dim`` attribute and ``forward(x, t_emb_input) -> (B, out_dim)`` where ``x`` is
 the c_in-scaled noisy image (B, C, H, W) and ``t_emb_input`` the time condition c_noise (B,).
-The built-in ViT is registered the same way (entry point ``vit``). Set
+The built-in ``vit`` and ``resnet`` are registered the same way (entry point ``vit``). Set
 ``RRCM_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-in backbones (e.g. in tests).
 """
 
