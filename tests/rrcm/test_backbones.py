@@ -56,3 +56,25 @@ def test_resnet_pipeline_round_trip_and_finetune(tmp_path):
 def test_resnet_bad_sizes_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RRCMModel(**{**RESNET, "backbone_kwargs": kwargs})
+
+
+@pytest.mark.parametrize("backbone", ["vit", "resnet"])
+def test_layer_wise_decay_gives_each_depth_its_rate(backbone):
+    """lr · decay^(top − layer): the stem/embeddings get the smallest rate, the head the full one."""
+    from rrcm_diffusers.training import param_groups_lrd
+
+    kw = (
+        RESNET
+        if backbone == "resnet"
+        else dict(image_size=16, in_channels=3, patch_size=8, hidden_size=16, depth=3)
+    )
+    model = RRCMModel(**{**kw, "num_heads": 2, "projection_dim": 0, "num_classes": 4})
+    top = model.num_layers - 1  # blocks + embeddings + head
+    assert top == model.backbone.depth + 1
+    rate = {id(p): g["lr"] for g in param_groups_lrd(model, 1.0, 0.05, 0.5) for p in g["params"]}
+    named = dict(model.named_parameters())
+    first = "backbone.stem.weight" if backbone == "resnet" else "backbone.patch_embed.weight"
+    assert rate[id(named[first])] == 0.5**top
+    block0 = next(model.backbone.blocks[0].parameters())
+    assert rate[id(block0)] == 0.5 ** (top - 1)
+    assert rate[id(named["backbone.norm.weight"])] == rate[id(named["classifier.weight"])] == 1.0

@@ -11,7 +11,21 @@ from torch import nn
 from .hookspecs import hookimpl
 
 
-class ViTBackbone(nn.Module):
+class _BlockLayers:
+    """Layer ids for layer-wise lr decay of a backbone with ``blocks`` (a ModuleList), a final
+    ``norm`` and ``depth = len(blocks)``: everything before the blocks 0, block i -> i+1, norm depth+1."""
+
+    depth: int
+
+    def get_layer_id(self, name: str) -> int:
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        if name.startswith("norm."):
+            return self.depth + 1
+        return 0
+
+
+class ViTBackbone(_BlockLayers, nn.Module):
     """Noise-conditioned ViT; returns LN(CLS) of shape (B, hidden_size).
 
     The time token is the sinusoidal embedding of c_noise (diffusers' ``Timesteps``), as in the
@@ -69,16 +83,8 @@ class ViTBackbone(nn.Module):
             tokens = block(tokens)
         return self.norm(tokens[:, 0])  # (B, D)
 
-    def get_layer_id(self, name: str) -> int:
-        """Depth of a parameter, for layer-wise lr decay: embeddings 0, block i -> i+1, norm depth+1."""
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        if name.startswith("norm."):
-            return self.depth + 1
-        return 0
 
-
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(_BlockLayers, nn.Module):
     """Noise-conditioned ResNet; returns LN(global average pool) of shape (B, widths[-1]).
 
     A 3x3 stem, then ``blocks_per_stage`` diffusers ``ResnetBlock2D`` per width, the first of every
@@ -132,14 +138,6 @@ class ResNetBackbone(nn.Module):
         for block in self.blocks:
             h = block(h, temb)  # (B, w, H / 2^stage, W / 2^stage)
         return self.norm(h.mean(dim=(2, 3)))  # (B, widths[-1])
-
-    def get_layer_id(self, name: str) -> int:
-        """Depth of a parameter, for layer-wise lr decay: stem and time 0, block i -> i+1, norm depth+1."""
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        if name.startswith("norm."):
-            return self.depth + 1
-        return 0
 
 
 @hookimpl
