@@ -64,3 +64,10 @@ def test_every_method_of_the_cifar_config_trains_with_its_augment():
     configs.append(cfg.dds.classifier_config(cfg.seed, cfg.augment))
     assert len(configs) == 3 and {c.augment for c in configs} == {"crop_flip"}
     assert load_config(REPO / "examples/rrcm/configs/mnist_main.yaml").augment == "none"
+
+
+def test_a_bad_augment_in_the_config_fails_at_load_not_after_pretraining():
+    with pytest.raises(
+        ValueError, match=r"finetune.augment in the overrides must be one of .*got 'crop-flip'"
+    ):
+        load_config(None, finetune={"augment": "crop-flip"})

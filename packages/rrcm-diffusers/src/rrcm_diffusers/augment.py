@@ -126,13 +126,18 @@ def random_crop(x: torch.Tensor, padding: int = 4, generator: torch.Generator | 
 CLASSIFIER_AUGMENTS = ("none", "crop_flip")
 
 
+def check_classifier_augment(kind: str, name: str = "augment") -> None:
+    """Raise a ValueError naming ``name`` unless ``kind`` is one of `CLASSIFIER_AUGMENTS`."""
+    if kind not in CLASSIFIER_AUGMENTS:
+        raise ValueError(f"{name} must be one of {CLASSIFIER_AUGMENTS}, got {kind!r}")
+
+
 def classifier_view(
     x: torch.Tensor, kind: str = "none", generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The classifiers' training augmentation, before the smoothing noise: ``"none"`` or
     ``"crop_flip"`` (pad-4 random crop + horizontal flip, as the authors and Cohen et al. train on CIFAR-10)."""
+    check_classifier_augment(kind)
     if kind == "none":
         return x
-    if kind != "crop_flip":
-        raise ValueError(f"augment must be one of {CLASSIFIER_AUGMENTS}, got {kind!r}")
     return random_hflip(random_crop(x, generator=generator), generator=generator)

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
 from ._atomic import claim_folder
+from .augment import check_classifier_augment
 from .data import load_dataset, strided_class_subset
 from .evaluation import linear_probe_accuracy
 from .modeling_rrcm import RRCMModel
@@ -159,6 +160,9 @@ class ExperimentConfig:
         for name, known in _SECTIONS.items():
             _check_keys(f"section {name!r}", set(merged[name]), known(), source)
         _check_ablations(merged["ablations"], source)
+        # a bad value would otherwise surface only at fine-tuning, after the whole pretraining
+        augment = merged["finetune"].get("augment", FinetuneConfig.augment)
+        check_classifier_augment(augment, f"finetune.augment in {source or 'the overrides'}")
         typed = {name: _SECTION_TYPES[name](**merged[name]) for name in _SECTION_TYPES}
         return cls(**{**merged, **typed})
 
@@ -168,7 +172,7 @@ class ExperimentConfig:
     @property
     def augment(self) -> str:
         """The classifiers' training augmentation (``finetune.augment``); every method trains with it."""
-        return self.finetune.get("augment", "none")
+        return self.finetune.get("augment", FinetuneConfig.augment)
 
     def ablation_pretrain(self, name: str) -> dict[str, Any]:
         """The ``pretrain`` section of ablation ``name``: its overrides on top of the config's."""

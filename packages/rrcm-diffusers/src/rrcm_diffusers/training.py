@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 import shared_dist
 
 from ._atomic import write_text_atomic
-from .augment import CLASSIFIER_AUGMENTS, classifier_view, light_view, strong_view
+from .augment import check_classifier_augment, classifier_view, light_view, strong_view
 from .data import to_model_space
 from .evaluation import extract_features, linear_probe_accuracy, noisy_accuracy  # noqa: F401  (their old home)
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
@@ -519,10 +519,7 @@ def finetune(
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
     _check_images(images)
     _check_labels(labels, images.shape[0], model.classifier.out_features)
-    if config.augment not in CLASSIFIER_AUGMENTS:
-        raise ValueError(
-            f"FinetuneConfig.augment must be one of {CLASSIFIER_AUGMENTS}, got {config.augment!r}"
-        )
+    check_classifier_augment(config.augment, "FinetuneConfig.augment")  # before any folder or step
     accelerator = accelerator or Accelerator()
     out = _run_dir(output_dir)
     loss_fn = RRCMFinetuningLoss(
