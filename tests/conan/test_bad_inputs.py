@@ -100,7 +100,7 @@ def test_bad_store_is_named(case):
     "name,value", [("retrieval_batch_size", 0), ("sts_batch_size", -1), ("sts_batch_size", True), ("x", 2.0)]
 )
 def test_bad_batch_size_is_named(name, value):
-    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
         _positive_int(name, value, 8)
 
 

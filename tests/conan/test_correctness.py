@@ -175,6 +175,17 @@ def test_single_process_trainer_steps_and_epochs(minilm, tmp_path):
         assert step["sts"] == 4
 
 
+def test_single_process_trainer_retrieval_only(minilm, tmp_path):
+    """sts_batch_size=0 trains retrieval alone through the trainer (no STS rows, finite loss)."""
+    minilm.max_seq_length = 32
+    cfg = {"ret": 5, "sts": 0, "pdbs": 3, "workers": 0, "drop_last": True}
+    res = _train(minilm, cfg, str(tmp_path))
+    assert res["global_step"] == len(res["steps"]) == _expected_steps(cfg) == 7
+    for step in res["steps"]:
+        _assert_no_false_negatives(step)
+        assert step["sts"] == 0 and len(step["anchor"]) == 5
+
+
 def test_unfillable_batch_goes_out_short_and_clean(caplog):
     from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
 
@@ -186,7 +197,7 @@ def test_unfillable_batch_goes_out_short_and_clean(caplog):
     batches = list(sampler)
     assert len(batches) == 2 and all(len([i for i in b if i < 6]) == 1 for b in batches)
     assert "holds 1 of 3 rows" in caplog.text
-    with pytest.raises(ValueError, match="retrieval_batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="retrieval_batch_size must be an int >= 1, got 0"):
         TaskBalancedBatchSampler(concat, stub, retrieval_batch_size=0)
 
 

@@ -158,13 +158,20 @@ def test_fit_path_trains(minilm, tmp_path, monkeypatch):
 # ------------------------------------------------------------------ sampler layout
 
 
-def _w_sampler(retrieval_ranks):
+def _w_sampler(retrieval_ranks, sts_batch_size=3):
     dd = make_balanced_datasets(retrieval_ds(n=8), sts_rows(n=5))
     concat = ConcatDataset([dd["retrieval"], dd["sts"]])
     stub = [BatchSampler(SequentialSampler(range(len(d))), 2, True) for d in (dd["retrieval"], dd["sts"])]
-    sampler = TaskBalancedBatchSampler(
-        concat, stub, retrieval_batch_size=2, sts_batch_size=3, retrieval_ranks=retrieval_ranks
-    )
+    try:
+        sampler = TaskBalancedBatchSampler(
+            concat,
+            stub,
+            retrieval_batch_size=2,
+            sts_batch_size=sts_batch_size,
+            retrieval_ranks=retrieval_ranks,
+        )
+    except ValueError as err:
+        return {"error": str(err)}
     return {"batches": list(sampler), "len": len(sampler), "world": shared_dist.get_world_size()}
 
 
@@ -184,6 +191,24 @@ def test_sampler_layout_on_several_ranks(world, r):
         carriers = range(world) if r == world else range(r, world)
         assert all(len(sts[k]) == 3 for k in carriers)
         assert all(not sts[k] for k in range(world) if k not in carriers)
+
+
+@pytest.mark.distributed
+def test_sampler_retrieval_only_on_several_ranks():
+    """sts_batch_size=0: dynamic mining without STS; every rank the same retrieval rows, none idle."""
+    res = launch(_w_sampler, 2, (2, 0), timeout=60)
+    assert res[0]["batches"] == res[1]["batches"]
+    batches = res[0]["batches"]
+    assert len(batches) == 8 and all(len(b) == 2 and max(b) < 8 for b in batches)
+    assert batches[0::2] == batches[1::2]  # both ranks of a step hold the same queries
+    # an STS rank with nothing to do would hang DDP's gradient sync: refused, naming the fix
+    res = launch(_w_sampler, 2, (1, 0), timeout=60)
+    assert "sts_batch_size=0" in res[0]["error"] and "retrieval_ranks=2" in res[0]["error"]
+
+
+def test_sampler_single_process_retrieval_only():
+    res = _w_sampler(None, sts_batch_size=0)
+    assert len(res["batches"]) == 4 and all(len(b) == 2 and max(b) < 8 for b in res["batches"])
 
 
 def test_sampler_single_process_mixes_both_tasks():

@@ -69,8 +69,14 @@ def train_recipe(
     sts_rows: int | None = None,
     save_steps: int = 0,
     resume: bool = False,
+    sts_weight: float = 0.8,
+    dynamic: bool = True,
 ) -> tuple[SentenceTransformer, dict[str, Any]]:
     """Train one recipe; returns the model and a record of what happened.
+
+    For ``conan`` (ablation arms): ``sts_weight`` is the loss's β (``sts_batch_size=0``: no STS
+    rows at all, dynamic mining alone); ``dynamic=False`` never checks, so the negatives stay
+    the first window mined by the base model (static negatives, the same candidates).
 
     ``save_steps > 0`` writes ``out/checkpoint-<step>`` every ``save_steps`` steps; ``resume``
     continues from the newest complete one (exactly: weights, optimiser, RNG, data order and
@@ -91,7 +97,12 @@ def train_recipe(
         out, steps=steps, lr=lr, seed=seed, save_steps=save_steps, progress=progress, batch_size=batch_size
     )
     if recipe == "conan":
-        mining = dict(num_negatives=num_negatives, interval=check_interval, sts_batch_size=sts_batch_size)
+        mining = dict(
+            num_negatives=num_negatives,
+            interval=check_interval if dynamic else steps + 1,
+            sts_batch_size=sts_batch_size,
+            sts_weight=sts_weight,
+        )
         loss, train, args, callback = _conan_setup(model, pairs, _sts(root, sts_rows), common, **mining)
     else:
         loss, train, args, callback = _mnrl_setup(recipe, model, pairs, common, num_negatives=num_negatives)
@@ -150,10 +161,18 @@ def _sts(root: Path, rows: int | None) -> Dataset:
 
 
 def _conan_setup(
-    model, pairs, sts, common: dict[str, Any], *, num_negatives: int, interval: int, sts_batch_size: int
+    model,
+    pairs,
+    sts,
+    common: dict[str, Any],
+    *,
+    num_negatives: int,
+    interval: int,
+    sts_batch_size: int,
+    sts_weight: float,
 ):
     """CrossGPUBalancingLoss on task-balanced batches, negatives served by the mining callback."""
-    loss = CrossGPUBalancingLoss(model)
+    loss = CrossGPUBalancingLoss(model, sts_weight=sts_weight)
     callback = DynamicHardNegativeMiningCallback.from_pairs(
         model, pairs, num_negatives=num_negatives, depth=100, loss=loss, interval=interval
     )

@@ -48,6 +48,8 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
         batch_samplers: the trainer's per-dataset samplers (their batch size is the default;
             the retrieval one gives ``drop_last`` and the duplicate rule).
         retrieval_batch_size, sts_batch_size: rows per step of each task (paper: 4 and 32 per GPU).
+            ``sts_batch_size=0`` serves retrieval rows only (dynamic mining without the STS
+            task); every rank must then run retrieval (``retrieval_ranks`` = world size).
         retrieval_ranks: R (must match the loss's); default ``W - 1`` (``1`` on one process).
     """
 
@@ -80,7 +82,7 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
             "retrieval_batch_size", retrieval_batch_size, getattr(ret_sampler, "batch_size", None)
         )
         self.sts_bs = _positive_int(
-            "sts_batch_size", sts_batch_size, getattr(batch_samplers[self.sts_index], "batch_size", None)
+            "sts_batch_size", sts_batch_size, getattr(batch_samplers[self.sts_index], "batch_size", None), 0
         )
         if self.ret_len < self.ret_bs or self.sts_len == 0:
             raise ValueError(
@@ -89,6 +91,12 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
         self.drop_last = bool(getattr(ret_sampler, "drop_last", True))
         self.no_duplicates = isinstance(ret_sampler, NoDuplicatesBatchSampler)
         self.layout = TaskLayout.current(retrieval_ranks)
+        if self.sts_bs == 0 and self.layout.retrieval_ranks < self.layout.world_size:
+            raise ValueError(
+                f"sts_batch_size=0 (retrieval only) needs every rank to run retrieval, but only "
+                f"retrieval_ranks={self.layout.retrieval_ranks} of {self.layout.world_size} processes do: "
+                f"pass retrieval_ranks={self.layout.world_size} here and to the loss"
+            )
         # accelerate's BatchSamplerShard yields a group of W batches only when the last one has
         # exactly `batch_size` rows; our batches differ per rank, so declare no fixed size
         self.batch_size = None
@@ -198,10 +206,10 @@ class _RowKeys:
         return self.cache[i]
 
 
-def _positive_int(name: str, value: int | None, default: int | None) -> int:
+def _positive_int(name: str, value: int | None, default: int | None, minimum: int = 1) -> int:
     value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
