@@ -163,6 +163,7 @@ def main() -> None:
         print((out / "summary.md").read_text())
         print(f"main job: done in {wall / 60:.1f} min; report in {out}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # close the process group: exiting with it open can abort a finished run
 
 
 def budgets_markdown(rrcm: dict) -> str:

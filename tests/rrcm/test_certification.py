@@ -3,10 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler
+from diffusers.utils.torch_utils import randn_tensor
 from scipy.stats import norm
 
 from rrcm_diffusers import RRCMPipeline, certify, predict
-from rrcm_diffusers.certification import ABSTAIN, average_certified_radius, certified_accuracy
+from rrcm_diffusers.certification import (
+    ABSTAIN,
+    NOISE_CHUNK,
+    average_certified_radius,
+    certified_accuracy,
+    sample_counts,
+)
 from rrcm_diffusers.trajectory import noise_level_for_sigma
 from tests.rrcm.helpers import tiny_model
 
@@ -96,6 +103,31 @@ def _pipeline(seed: int = 0) -> RRCMPipeline:
     pipe = RRCMPipeline(model=model, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 255, 256, 300, 700, 5_000])
+def test_classifier_sees_exactly_the_reference_noisy_inputs(batch_size):
+    """Every noisy input, in order, equals image + σ·ε with ε drawn by ``randn_tensor`` in chunks
+    of NOISE_CHUNK (the documented stream), whatever the batch size; votes are their argmax."""
+    image, sigma, num = torch.rand(3, 5, 4), 0.37, 700  # H != W
+    g = torch.Generator().manual_seed(11)
+    chunks = [
+        randn_tensor((min(NOISE_CHUNK, num - i), *image.shape), generator=g, device=image.device)
+        for i in range(0, num, NOISE_CHUNK)
+    ]
+    expected = torch.add(image.unsqueeze(0), torch.cat(chunks), alpha=sigma)  # (num, C, H, W)
+    seen: list[torch.Tensor] = []
+
+    def recorder(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())  # the pipeline reuses its buffer: keep a copy
+        return x.flatten(1)[:, :4]  # class = argmax of the first 4 pixels
+
+    counts = sample_counts(
+        recorder, image, sigma, num, batch_size, generator=torch.Generator().manual_seed(11)
+    )
+    assert [len(x) for x in seen] == [min(batch_size, num - i) for i in range(0, num, batch_size)]
+    assert torch.equal(torch.cat(seen), expected)
+    assert torch.equal(counts, torch.bincount(expected.flatten(1)[:, :4].argmax(1), minlength=4))
 
 
 def test_certify_is_invariant_to_batch_size():

@@ -134,30 +134,30 @@ def sample_counts(
     counts: torch.Tensor | None = (
         None if num_classes is None else torch.zeros(num_classes, dtype=torch.long, device=device)
     )
-    pending: list[torch.Tensor] = []  # noise not yet classified
-    pending_rows = 0
-    drawn = 0
-    while drawn < num or pending_rows:
+    # one buffer for the whole image: noise is drawn into it and noised in place, so a batch
+    # costs no allocation and no copy besides the < NOISE_CHUNK rows carried to the next batch
+    rows = min(num, batch_size + NOISE_CHUNK - 1)  # most rows ever waiting at once
+    buffer = torch.empty((rows, *image.shape), device=device, dtype=image.dtype)
+    filled = drawn = 0  # rows of buffer holding noise not yet classified; samples drawn so far
+    while drawn < num or filled:
         # 1. draw noise in fixed chunks (independent of batch_size) until a batch is ready
-        while pending_rows < batch_size and drawn < num:
+        while filled < batch_size and drawn < num:
             k = min(NOISE_CHUNK, num - drawn)
-            # drawn on the generator's device, then moved: a CPU generator gives the same noise,
-            # and so the same certificates, whatever device the images are on
-            pending.append(
-                randn_tensor((k, *image.shape), generator=generator, device=device, dtype=image.dtype)
-            )
-            pending_rows += k
-            drawn += k
-        noise = torch.cat(pending) if len(pending) > 1 else pending[0]  # (rows, C, H, W)
-        batch_noise, rest = noise[:batch_size], noise[batch_size:]
-        pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
+            _randn_into(buffer[filled : filled + k], generator)
+            filled, drawn = filled + k, drawn + k
+        b = min(batch_size, filled)
         # 2. classify the noisy batch and count votes
-        logits = classifier(torch.add(image.unsqueeze(0), batch_noise, alpha=sigma))  # (b, K), one fused op
-        _check_logits(logits, batch_noise.shape[0], None if counts is None else counts.numel())
+        batch = torch.add(image.unsqueeze(0), buffer[:b], alpha=sigma, out=buffer[:b])  # (b, C, H, W)
+        logits = classifier(batch)  # (b, K)
+        _check_logits(logits, b, None if counts is None else counts.numel())
         if counts is None:
             counts = torch.zeros(logits.shape[-1], dtype=torch.long, device=device)
         counts += torch.bincount(logits.argmax(-1).to(device), minlength=counts.numel())
         nonfinite += (~torch.isfinite(logits)).any(-1).sum().to(device)
+        # 3. carry the rows drawn beyond this batch to the front of the buffer
+        filled -= b
+        if filled:
+            buffer[:filled] = buffer[b : b + filled].clone()
     assert counts is not None
     if int(nonfinite):  # one host sync per image, not per batch
         raise ValueError(
@@ -165,6 +165,16 @@ def sample_counts(
             "refusing to count them as votes (check the model's weights and inputs)"
         )
     return counts.cpu()
+
+
+def _randn_into(out: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Fill ``out`` with N(0, 1) from ``generator``: the values ``randn_tensor`` would return for
+    that shape. A generator on another device (a CPU generator for CUDA images) draws there and
+    the noise is moved, so a fixed CPU generator gives the same certificates on every device."""
+    if generator is None or generator.device == out.device:
+        torch.randn(out.shape, generator=generator, out=out)
+    else:
+        out.copy_(randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype))
 
 
 def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:

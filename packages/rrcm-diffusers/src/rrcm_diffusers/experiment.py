@@ -640,9 +640,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (stages already there are reused)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    summary = run(load_config(args.config), args.out, progress=not args.no_progress)
-    if "table_md" in summary:
+    accelerator = Accelerator()
+    summary = run(load_config(args.config), args.out, accelerator, progress=not args.no_progress)
+    if "table_md" in summary and accelerator.is_main_process:
         print(summary["table_md"])
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # close the process group: exiting with it open can abort a finished run
 
 
 if __name__ == "__main__":
