@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 from conan_st import CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, NegativeStore
+from conan_st.experiment import train_recipe
 from conan_st.mining import mine_candidates
 from conan_st.sampler import _positive_int
 from tests.conan.helpers import collate, retrieval_ds
@@ -102,6 +103,13 @@ def test_bad_store_is_named(case):
 def test_bad_batch_size_is_named(name, value):
     with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
         _positive_int(name, value, 8)
+
+
+@pytest.mark.parametrize("setting", [{"sts_weight": 0.2}, {"dynamic": False}, {"sts_batch_size": 0}])
+def test_conan_settings_on_another_recipe_are_refused(setting, tmp_path):
+    """An ablation setting on a recipe without STS or mining would be silently ignored."""
+    with pytest.raises(ValueError, match="settings of the 'conan' recipe; 'mnrl'"):
+        train_recipe("mnrl", tmp_path, **setting)
 
 
 def test_case_and_spacing_variants_of_a_positive_are_never_negatives(minilm):

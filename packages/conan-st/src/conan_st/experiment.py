@@ -84,6 +84,12 @@ def train_recipe(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe != "conan" and (sts_weight != 0.8 or not dynamic or sts_batch_size != 16):
+        raise ValueError(
+            f"sts_weight, sts_batch_size and dynamic are settings of the 'conan' recipe; {recipe!r} has no "
+            f"STS task and no mining callback (got sts_weight={sts_weight}, sts_batch_size={sts_batch_size}, "
+            f"dynamic={dynamic})"
+        )
     if not isinstance(save_steps, int) or save_steps < 0:
         raise ValueError(f"save_steps must be an int >= 0 (0: no checkpoints), got {save_steps!r}")
     root = Path(data_dir or default_data_dir()) / "text"

@@ -172,7 +172,8 @@ def _randn_into(out: torch.Tensor, generator: torch.Generator | None) -> None:
     that shape. A generator on another device (a CPU generator for CUDA images) draws there and
     the noise is moved, so a fixed CPU generator gives the same certificates on every device."""
     if generator is None or generator.device == out.device:
-        torch.randn(out.shape, generator=generator, out=out)
+        # device named: a default-device context (``with torch.device(...)``) must not redirect it
+        torch.randn(out.shape, generator=generator, out=out, device=out.device, dtype=out.dtype)
     else:
         out.copy_(randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype))
 
