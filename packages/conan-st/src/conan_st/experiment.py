@@ -82,16 +82,7 @@ def train_recipe(
     continues from the newest complete one (exactly: weights, optimiser, RNG, data order and
     the mining store), or starts afresh when there is none.
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    if recipe != "conan" and (sts_weight != 0.8 or not dynamic or sts_batch_size != 16):
-        raise ValueError(
-            f"sts_weight, sts_batch_size and dynamic are settings of the 'conan' recipe; {recipe!r} has no "
-            f"STS task and no mining callback (got sts_weight={sts_weight}, sts_batch_size={sts_batch_size}, "
-            f"dynamic={dynamic})"
-        )
-    if not isinstance(save_steps, int) or save_steps < 0:
-        raise ValueError(f"save_steps must be an int >= 0 (0: no checkpoints), got {save_steps!r}")
+    _check_recipe(recipe, save_steps, sts_weight=sts_weight, sts_batch_size=sts_batch_size, dynamic=dynamic)
     root = Path(data_dir or default_data_dir()) / "text"
     model, pairs = _model_and_pairs(model_path, max_seq_length, root, seed, train_queries)
     record: dict[str, Any] = dict(
@@ -126,6 +117,20 @@ def train_recipe(
         record["advanced_total"] = sum(h["dhnm/advanced"] for h in callback.history)
     record["loss_log"] = [h for h in trainer.state.log_history if "loss" in h]
     return model, record
+
+
+def _check_recipe(recipe: str, save_steps: int, **conan_only: Any) -> None:
+    """The recipe exists, ``save_steps`` is an int >= 0, and conan's settings are not given to another."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    defaults = dict(sts_weight=0.8, sts_batch_size=16, dynamic=True)
+    if recipe != "conan" and conan_only != defaults:
+        raise ValueError(
+            f"sts_weight, sts_batch_size and dynamic are settings of the 'conan' recipe; {recipe!r} has no "
+            f"STS task and no mining callback (got {conan_only})"
+        )
+    if not isinstance(save_steps, int) or save_steps < 0:
+        raise ValueError(f"save_steps must be an int >= 0 (0: no checkpoints), got {save_steps!r}")
 
 
 def _model_and_pairs(
