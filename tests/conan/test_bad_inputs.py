@@ -12,7 +12,7 @@ from datasets import Dataset
 from conan_st import CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, NegativeStore
 from conan_st.experiment import train_recipe
 from conan_st.mining import mine_candidates
-from conan_st.sampler import _positive_int
+from conan_st.sampler import _int_at_least
 from tests.conan.helpers import collate, retrieval_ds
 
 LOSS_CASES = {
@@ -102,7 +102,7 @@ def test_bad_store_is_named(case):
 )
 def test_bad_batch_size_is_named(name, value):
     with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
-        _positive_int(name, value, 8)
+        _int_at_least(name, value, 8)
 
 
 @pytest.mark.parametrize("setting", [{"sts_weight": 0.2}, {"dynamic": False}, {"sts_batch_size": 0}])

@@ -14,6 +14,7 @@ Three recipes with the same steps, batch and number of negatives:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -123,7 +124,7 @@ def _check_recipe(recipe: str, save_steps: int, **conan_only: Any) -> None:
     """The recipe exists, ``save_steps`` is an int >= 0, and conan's settings are not given to another."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    defaults = dict(sts_weight=0.8, sts_batch_size=16, dynamic=True)
+    defaults = {k: inspect.signature(train_recipe).parameters[k].default for k in conan_only}
     if recipe != "conan" and conan_only != defaults:
         raise ValueError(
             f"sts_weight, sts_batch_size and dynamic are settings of the 'conan' recipe; {recipe!r} has no "

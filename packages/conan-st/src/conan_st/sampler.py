@@ -78,10 +78,10 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
         self.ret_data = dataset.datasets[self.ret_index]
         self.ret_len, self.sts_len = len(self.ret_data), len(dataset.datasets[self.sts_index])
         ret_sampler = batch_samplers[self.ret_index]
-        self.ret_bs = _positive_int(
+        self.ret_bs = _int_at_least(
             "retrieval_batch_size", retrieval_batch_size, getattr(ret_sampler, "batch_size", None)
         )
-        self.sts_bs = _positive_int(
+        self.sts_bs = _int_at_least(
             "sts_batch_size", sts_batch_size, getattr(batch_samplers[self.sts_index], "batch_size", None), 0
         )
         if self.ret_len < self.ret_bs or self.sts_len == 0:
@@ -206,7 +206,7 @@ class _RowKeys:
         return self.cache[i]
 
 
-def _positive_int(name: str, value: int | None, default: int | None, minimum: int = 1) -> int:
+def _int_at_least(name: str, value: int | None, default: int | None, minimum: int = 1) -> int:
     value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
