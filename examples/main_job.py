@@ -163,7 +163,7 @@ def main() -> None:
         print((out / "summary.md").read_text())
         print(f"main job: done in {wall / 60:.1f} min; report in {out}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # close the process group: exiting with it open can abort a finished run
+    accelerator.end_training()  # close the process group, as torch asks of every process before exit
 
 
 def budgets_markdown(rrcm: dict) -> str:

@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     if "table_md" in summary and accelerator.is_main_process:
         print(summary["table_md"])
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # close the process group: exiting with it open can abort a finished run
+    accelerator.end_training()  # close the process group, as torch asks of every process before exit
 
 
 if __name__ == "__main__":

@@ -39,10 +39,20 @@ Every collective of this package, the object ones included, waits at most
 ``SHARED_DIST_TIMEOUT`` seconds (default 600) for the other ranks, then raises
 :class:`DistributedOperationError`: a rank that raised and went on to another
 collective, or died, never hangs the rest for the process group's 30 minutes.
+
+Exit
+----
+Importing this module registers one ``gc.collect()`` at interpreter exit (``atexit``). With gloo, a
+``DistributedDataParallel`` module or a collective's autograd graph left as cyclic garbage is
+otherwise freed during interpreter finalization, where torch can abort a finished run
+(SIGABRT, "terminate called without an active exception"), whether or not the process group was
+destroyed. Collecting it while the interpreter is alive costs one garbage-collector pass.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import pickle
 import weakref
@@ -93,6 +103,11 @@ _DTYPES = (
 _MAX_TRAILING = 6
 # [rows, ndim, dtype code, numel of one row, first _MAX_TRAILING trailing dims (-1 pad)]
 _META_LEN = 4 + _MAX_TRAILING
+
+
+# See "Exit" above: free DDP modules and collectives' graphs while the interpreter is alive (torch
+# 2.13, gloo: 14 of 60 two-process runs of a prepared model aborted at exit, 0 of 60 with this).
+atexit.register(gc.collect)
 
 
 class DistributedOperationError(RuntimeError):
