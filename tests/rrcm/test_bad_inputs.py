@@ -3,6 +3,7 @@ what was expected, or in a documented result; none certifies garbage, hangs or l
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -445,3 +446,21 @@ def test_an_ablation_name_must_not_clash_with_another_row(ablations, clash):
 
     with pytest.raises(ValueError, match=rf"needs its own report row and folder.*clashes with {clash}"):
         load_config(None, ablations=ablations)
+
+
+@pytest.mark.timeout(300)
+def test_seeds_run_once_each_and_a_finished_seed_is_read_back(tmp_path, data_dir):
+    from rrcm_diffusers.experiment import run_seeds
+
+    cfg = _tiny_experiment(data_dir)
+    first = run_seeds(cfg, [0, 3], tmp_path, Accelerator(cpu=True), progress=False)
+    assert first["seeds"] == [0, 3] and {m["seeds"] for m in first["methods"]} == {2}
+    per_seed = [json.loads((tmp_path / f"seed{s}" / "summary.json").read_text()) for s in (0, 3)]
+    assert [p["config"]["seed"] for p in per_seed] == [0, 3]
+    weights = "rrcm-sigma0.5/pipeline/model/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "seed0" / weights).read_bytes() != (tmp_path / "seed3" / weights).read_bytes()
+    again = run_seeds(cfg, [0, 3], tmp_path, Accelerator(cpu=True), progress=False)  # nothing re-run
+    assert again == first and json.loads((tmp_path / "seeds.json").read_text()) == first
+    assert "mean ± sd over 2 training seeds" in (tmp_path / "seeds.md").read_text()
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        run_seeds(cfg, [1, 1], tmp_path, Accelerator(cpu=True), progress=False)

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 from scipy.stats import beta
+from scipy.stats import t as student_t
 
 from rrcm_diffusers.certification import CertifyResult
-from rrcm_diffusers.report import RADII, paired_tests, summary_row, write_report
+from rrcm_diffusers.report import RADII, paired_tests, seed_summary, seed_tables, summary_row, write_report
 
 
 def _row(method: str, correct: list[bool], radii: list[float], sigma: float = 0.5) -> dict:
@@ -62,3 +63,31 @@ def test_report_shows_intervals_and_paired_tests(tmp_path):
     header = next(csv.reader(paths["csv"].read_text().splitlines()))
     assert "certified_radius" not in header and "ci95" not in header  # per-image data: JSON only
     assert json.loads(paths["json"].read_text())[0]["certified_radius"] == [0.8] * 19 + [-1.0] * 11
+
+
+def test_seed_summary_is_mean_sd_and_a_t_interval_over_seeds():
+    # three seeds of 40 images with unequal accuracies; rRCM minus Cohen at r=0: +5, +15, -2.5 points
+    runs = []
+    for ref_k, base_k in ((20, 18), (24, 18), (16, 17)):
+        ref = [i < ref_k for i in range(40)]
+        base = [i < base_k for i in range(40)]
+        runs.append([_row("rRCM", ref, [0.6] * 40), _row("Cohen", base, [0.3] * 40)])
+    summary = seed_summary(runs)
+    rrcm = next(m for m in summary["methods"] if m["method"] == "rRCM")
+    assert rrcm["seeds"] == 3
+    assert rrcm["r=0"]["mean"] == pytest.approx(60 / 120) and rrcm["r=0"]["sd"] == pytest.approx(0.1)
+    d = [0.05, 0.15, -0.025]
+    (t,) = [t for t in summary["paired"] if t["metric"] == "r=0"]
+    mean, se = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2 / 3)
+    half = student_t.ppf(0.975, 2) * se
+    assert t["differences"] == pytest.approx(d) and t["mean"] == pytest.approx(mean)
+    assert t["ci95"] == pytest.approx([mean - half, mean + half])
+    assert t["p_value"] == pytest.approx(2 * student_t.sf(abs(mean / se), 2))
+    # each seed's McNemar p over images: seed 0 discordant 2 / 0 -> p = 0.5
+    assert t["mcnemar_p"][0] == pytest.approx(0.5)
+    (far,) = [t for t in summary["paired"] if t["metric"] == "r=0.5"]  # Cohen never reaches 0.5
+    assert far["differences"] == pytest.approx([0.5, 0.6, 0.4])
+    md = seed_tables(summary)
+    assert "| rRCM | 0.5 | 50.0 ± 10.0 |" in md and "+5.0 / +15.0 / -2.5" in md
+    with pytest.raises(ValueError, match="every run must hold each"):
+        seed_summary([runs[0], runs[1][:1]])

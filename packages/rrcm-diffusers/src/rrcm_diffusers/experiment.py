@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,14 +24,21 @@ import yaml
 from accelerate import Accelerator
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
-from ._atomic import claim_folder
+from ._atomic import claim_folder, write_text_atomic
 from .augment import check_classifier_augment
 from .data import load_dataset, strided_class_subset
 from .evaluation import linear_probe_accuracy
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
 from .pipeline_rrcm import RRCMPipeline, write_model_card
-from .report import certify_methods, markdown_table, uncertainty_tables, write_report
+from .report import (
+    certify_methods,
+    markdown_table,
+    seed_summary,
+    seed_tables,
+    uncertainty_tables,
+    write_report,
+)
 from .training import FinetuneConfig, PretrainConfig, finetune
 from .training import pretrain as pretrain_encoder
 from .trajectory import CERTIFY_NUM_SCALES, grid_scheduler
@@ -334,6 +341,43 @@ def run(
     return r.summary
 
 
+def run_seeds(
+    cfg: ExperimentConfig | dict[str, Any],
+    seeds: list[int],
+    out: str | Path,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """``run`` once per training seed into ``out/seed{S}``, then the table over seeds.
+
+    A seed whose ``summary.json`` was written under the same config is read back, not run again.
+    Writes ``out/seeds.md`` and ``out/seeds.json`` (:func:`~rrcm_diffusers.report.seed_summary`:
+    mean ± sd per method, rRCM's paired differences with 95 % t intervals over seeds) and returns
+    that summary on the main process (None on the others).
+    """
+    cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.from_dict(cfg)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct training seeds, at least one; got {seeds}")
+    accelerator = accelerator or Accelerator()
+    runs = []
+    for seed in seeds:
+        one = replace(cfg, seed=seed)
+        done = Path(out) / f"seed{seed}" / "summary.json"
+        have = json.loads(done.read_text()) if done.is_file() else {}
+        if (
+            have.get("config") != json.loads(json.dumps(one.to_dict(), default=str))
+            or "certified" not in have
+        ):
+            have = run(one, done.parent, accelerator, progress)
+        runs.append(have.get("certified", []))
+    if not accelerator.is_main_process:
+        return None
+    summary = {"seeds": list(seeds), **seed_summary(runs)}
+    write_text_atomic(Path(out) / "seeds.json", json.dumps(summary, indent=2))
+    write_text_atomic(Path(out) / "seeds.md", seed_tables(summary))
+    return summary
+
+
 def _pretrain_stage(r: _Run, folder: str = "pretrain", pretrain: dict[str, Any] | None = None) -> RRCMModel:
     """The encoder pretrained with ``pretrain`` (default: the config's section) into ``out/folder``."""
     pretrain = r.cfg.pretrain if pretrain is None else pretrain
@@ -545,7 +589,7 @@ def _certify_and_report(
     r.summary["budgets"] = _budgets(cfg, r.summary["timings_s"], baselines)
     r.summary["report"] = {k: str(v) for k, v in paths.items()}
     r.summary["table_md"] = markdown_table(rows) + uncertainty_tables(rows)
-    (r.out / "summary.json").write_text(json.dumps(r.summary, indent=2, default=str))
+    write_text_atomic(r.out / "summary.json", json.dumps(r.summary, indent=2, default=str))
 
 
 def _write_model_cards(r: _Run, rows: list[dict[str, Any]], folders: dict[float, Path]) -> None:
@@ -639,11 +683,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML file overriding the defaults")
     parser.add_argument("--out", required=True, help="output folder (stages already there are reused)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="run once per training seed into OUT/seed{S}; "
+        "writes OUT/seeds.md (mean ± sd, paired differences over seeds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     accelerator = Accelerator()
-    summary = run(load_config(args.config), args.out, accelerator, progress=not args.no_progress)
-    if "table_md" in summary and accelerator.is_main_process:
-        print(summary["table_md"])
+    cfg, progress = load_config(args.config), not args.no_progress
+    if args.seeds:
+        summary = run_seeds(cfg, args.seeds, args.out, accelerator, progress)
+        if summary is not None:
+            print(seed_tables(summary))
+    else:
+        summary = run(cfg, args.out, accelerator, progress=progress)
+        if "table_md" in summary and accelerator.is_main_process:
+            print(summary["table_md"])
     accelerator.wait_for_everyone()
     accelerator.end_training()  # close the process group, as torch asks of every process before exit
 

@@ -3,7 +3,9 @@
 Uncertainty, because a test set of a few hundred images is a sample: every row carries 95 %
 Clopper–Pearson intervals on certified accuracy at each radius and a 95 % bootstrap interval on
 ACR; :func:`paired_tests` compares a reference method with each other one on the SAME images with
-an exact McNemar test (a two-sided binomial test on the discordant images).
+an exact McNemar test (a two-sided binomial test on the discordant images). Over training seeds,
+:func:`seed_summary` gives mean ± sd per method and the reference's paired difference to each
+baseline with a 95 % t interval over seeds (the spread a new training run would show).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import binomtest, bootstrap, ttest_1samp
 
 from .certification import CertifyResult, average_certified_radius, certified_accuracy, certify
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 TESTED_RADII = [0.0, 0.5, 1.0]  # where the intervals and paired tests are tabulated
+SEED_RADII = [0.0, 0.25, 0.5, 0.75, 1.0]  # the radii of the over-seeds table
 
 # method name -> (sigma -> base classifier over [0, 1] images)
 Methods = dict[str, Callable[[float], Callable[[torch.Tensor], torch.Tensor]]]
@@ -255,3 +258,97 @@ def uncertainty_tables(rows: list[dict[str, Any]], reference: str = "rRCM") -> s
                 f"{100 * t['baseline_acc']:.1f} | {t['only_reference']} | {t['only_baseline']} | {t['p_value']:.3g} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def seed_summary(
+    runs: list[list[dict[str, Any]]], reference: str = "rRCM", radii: list[float] = SEED_RADII
+) -> dict[str, list[dict[str, Any]]]:
+    """Report rows of runs that differ only in the training seed, summarised over seeds.
+
+    ``runs[i]`` holds seed i's rows (:func:`summary_row`), every (method, σ) once. ``methods``:
+    mean and sd over seeds of certified accuracy at each radius and of ACR. ``paired``: per σ,
+    baseline and metric, the reference minus the baseline in each seed, their mean, a 95 % t
+    interval and p over seeds, and each seed's McNemar p over images (radii only).
+    """
+    keys = [f"r={r:g}" for r in radii] + ["acr"]
+    by: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for rows in runs:
+        for row in rows:
+            by.setdefault((row["method"], row["sigma"]), []).append(row)
+    if any(len(v) != len(runs) for v in by.values()):
+        raise ValueError(
+            f"runs: every run must hold each (method, σ) once; got {[len(v) for v in by.values()]}"
+        )
+    methods = [
+        {"method": m, "sigma": s, "seeds": len(v), **{k: _mean_sd([row[k] for row in v]) for k in keys}}
+        for (m, s), v in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    ]
+    paired = []
+    for (m, s), rows in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        refs = by.get((reference, s))
+        if m == reference or refs is None:
+            continue
+        mcnemar = [paired_tests([a, b], reference, radii) for a, b in zip(refs, rows)]  # per seed
+        for i, k in enumerate(keys):
+            d = np.array([a[k] - b[k] for a, b in zip(refs, rows)])
+            paired.append(
+                {
+                    "sigma": s,
+                    "baseline": m,
+                    "metric": k,
+                    "differences": d.tolist(),
+                    **_t_interval(d),
+                    "mcnemar_p": [t[i]["p_value"] for t in mcnemar] if k != "acr" else None,
+                }
+            )
+    return {"methods": methods, "paired": paired}
+
+
+def _mean_sd(values: list[float]) -> dict[str, Any]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _t_interval(d: np.ndarray) -> dict[str, Any]:
+    """Mean of the paired differences, its 95 % t interval and p (nan where it is undefined)."""
+    if len(d) < 2 or np.all(d == d[0]):  # no spread: the t statistic is undefined
+        return {"mean": float(d.mean()), "ci95": [float(d.mean())] * 2, "p_value": float("nan")}
+    test = ttest_1samp(d, 0.0)
+    ci = test.confidence_interval(0.95)
+    return {"mean": float(d.mean()), "ci95": [float(ci.low), float(ci.high)], "p_value": float(test.pvalue)}
+
+
+def seed_tables(summary: dict[str, list[dict[str, Any]]], reference: str = "rRCM") -> str:
+    """Markdown of :func:`seed_summary`: mean ± sd per method, then the paired differences."""
+    keys = [k for k in summary["methods"][0] if k.startswith("r=")] + ["acr"]
+    seeds = summary["methods"][0]["seeds"]
+    lines = [
+        f"Certified accuracy (%) and ACR, mean ± sd over {seeds} training seeds:",
+        "",
+        "| method | σ | " + " | ".join(k if k != "acr" else "ACR" for k in keys) + " |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
+    for row in summary["methods"]:
+        cells = [_pm(row[k], 1 if k == "acr" else 100, ".3f" if k == "acr" else ".1f") for k in keys]
+        lines.append(f"| {row['method']} | {row['sigma']:g} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"{reference} minus each baseline, paired by seed: mean [95 % t interval over seeds] (p); "
+        "then each seed's McNemar p over images:",
+        "",
+        "| σ | baseline | metric | difference | per seed | McNemar p per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in summary["paired"]:
+        scale, fmt = (1, ".3f") if t["metric"] == "acr" else (100, ".1f")
+        diff = (
+            f"{scale * t['mean']:+{fmt}} [{scale * t['ci95'][0]:+{fmt}}, {scale * t['ci95'][1]:+{fmt}}] "
+            f"(p {t['p_value']:.2g})"
+        )
+        each = " / ".join(f"{scale * x:+{fmt}}" for x in t["differences"])
+        ps = " / ".join(f"{p:.2g}" for p in t["mcnemar_p"]) if t["mcnemar_p"] else "—"
+        lines.append(f"| {t['sigma']:g} | {t['baseline']} | {t['metric']} | {diff} | {each} | {ps} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(stat: dict[str, float], scale: float, fmt: str) -> str:
+    return f"{scale * stat['mean']:{fmt}} ± {scale * stat['sd']:{fmt}}"
