@@ -26,6 +26,7 @@ from pathlib import Path
 
 from scipy import stats
 
+from conan_st.checkpoints import write_text_atomic
 from conan_st.experiment import default_model_path, evaluate, train_recipe
 
 TASKS = ("CMRC2018Local", "STSBzhLocal")
@@ -140,7 +141,7 @@ def main() -> None:
             results[key] = evaluate(model)
             records[key] = {k: v for k, v in rec.items() if k != "loss_log"}
             payload = {"args": vars(args), "scores": results, "records": records}
-            (out / "quality.json").write_text(json.dumps(payload, indent=2))
+            write_text_atomic(out / "quality.json", json.dumps(payload, indent=2))  # the resume state
     lines = [
         "| run | CMRC2018 nDCG@10 | STS-B-zh Spearman | s/step | windows moved | S_cur first → last check |",
         "|---|---|---|---|---|---|",
@@ -154,7 +155,7 @@ def main() -> None:
             f"| {rec.get('advanced_total', '')} | {s_cur} |"
         )
     lines += _summary(results, args.recipes, args.seeds)
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "quality.md", "\n".join(lines) + "\n")
     _plot(results, args.recipes, args.seeds, out / "quality.png")
     print("\n".join(lines))
 

@@ -210,3 +210,24 @@ def test_last_complete_checkpoint_wants_every_ranks_rng_state(tmp_path, monkeypa
     )
     monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process resume of a two-process run: transformers' call
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # quality_experiment resumes from quality.json: a kill mid-write must leave the previous file
+    from conan_st.checkpoints import write_text_atomic
+
+    path = tmp_path / "quality.json"
+    write_text_atomic(path, '{"done": 1}')
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, '{"done": 2, "cut": "here')
+    assert json.loads(path.read_text()) == {"done": 1}
+    monkeypatch.undo()
+    write_text_atomic(path, '{"done": 2}')
+    assert json.loads(path.read_text()) == {"done": 2} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "quality.json"
+    ]

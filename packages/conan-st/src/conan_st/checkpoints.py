@@ -20,9 +20,16 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-__all__ = ["last_complete_checkpoint"]
+__all__ = ["last_complete_checkpoint", "write_text_atomic"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` whole or not at all: a kill mid-write leaves the previous file, never a cut one."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic on one filesystem
 
 
 def _problem(folder: Path, step: int) -> str | None:

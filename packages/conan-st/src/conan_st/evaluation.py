@@ -19,6 +19,7 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
+from .checkpoints import write_text_atomic
 from .data import default_data_dir, load_beir, load_sts
 
 _COMMON: dict[str, Any] = dict(
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {m} | " + " | ".join(f"{table[m][n]:.4f}" for n in names) + " |" for m in args.models]
     print("\n".join(lines))
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps(table, indent=2))
-        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+        write_text_atomic(args.out + ".json", json.dumps(table, indent=2))
+        write_text_atomic(args.out + ".md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from sentence_transformers.util import mine_hard_negatives
 
 from .callbacks import DynamicHardNegativeMiningCallback
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import last_complete_checkpoint, write_text_atomic
 from .data import default_data_dir, load_sts, make_balanced_datasets, retrieval_pairs
 from .evaluation import evaluate_model, local_tasks
 from .losses import CrossGPUBalancingLoss
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         model.save(str(Path(args.out) / "final"))
         if not args.no_eval:
             record["after"] = evaluate(model)
-        Path(args.out, "record.json").write_text(json.dumps(record, indent=2))
+        write_text_atomic(Path(args.out, "record.json"), json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in record.items() if k not in ("loss_log", "dhnm_checks")}))
 
 
