@@ -279,12 +279,13 @@ def seed_summary(
         raise ValueError(
             f"runs: every run must hold each (method, σ) once; got {[len(v) for v in by.values()]}"
         )
+    ordered = sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0]))  # by σ, then method
     methods = [
         {"method": m, "sigma": s, "seeds": len(v), **{k: _mean_sd([row[k] for row in v]) for k in keys}}
-        for (m, s), v in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        for (m, s), v in ordered
     ]
     paired = []
-    for (m, s), rows in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (m, s), rows in ordered:
         refs = by.get((reference, s))
         if m == reference or refs is None:
             continue
