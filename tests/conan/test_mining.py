@@ -18,6 +18,7 @@ from conan_st import (
 )
 from conan_st import hooks as conan_hooks
 from conan_st.builtin_plugins import FaissSearch, TorchSearch
+from conan_st.experiment import ControlStore
 from conan_st.labels import id_to_label, label_to_id
 from conan_st.pairs import filter_prompt_response_pairs
 from shared_dist.testing import launch
@@ -51,6 +52,62 @@ def test_window_rule(s_init, s_cur, advances):
     assert st.negatives(0) == [10, 11, 12, 13, 14]  # never observed: untouched
     if advances:
         assert math.isnan(st.s_init[1]) and math.isnan(st.s_cur[1])  # the new window starts fresh
+
+
+def control(rule, seed=0, q=3, depth=30, n=5, skip=10) -> ControlStore:
+    cands = torch.arange(depth).repeat(q, 1) + 100 * torch.arange(q)[:, None]
+    scores = torch.linspace(0.9, 0.1, depth).repeat(q, 1)
+    return ControlStore(cands, n, skip, candidate_scores=scores, initial_score="mined", rule=rule, seed=seed)
+
+
+def test_always_control_moves_every_observed_window_whatever_its_score():
+    st = control("always")
+    # S_cur far above S_init: the paper's rule would keep both windows
+    st.observe(torch.tensor([0, 2]), torch.tensor([0.99, 0.99]))
+    assert st.check() == pytest.approx(
+        {
+            "checked": 2,
+            "advanced": 2,
+            "exhausted": 0,
+            "mean_s_init": float(st.candidate_scores[0, 10:15].mean()),
+            "mean_s_cur": 0.99,
+        }
+    )
+    assert st.negatives(0) == [15, 16, 17, 18, 19] and st.negatives(2) == [215, 216, 217, 218, 219]
+    assert st.negatives(1) == [110, 111, 112, 113, 114]  # not observed: untouched
+    for _ in range(3):  # 4 windows in ranks 10..29: the last one stays ("stay" end policy)
+        st.observe(torch.tensor([0]), torch.tensor([0.5]))
+        summary = st.check()
+    assert summary["exhausted"] == 1 and st.negatives(0) == [25, 26, 27, 28, 29]
+
+
+def test_random_control_draws_another_window_of_the_list_reproducibly():
+    draws = []
+    for seed in (0, 0, 1):
+        st = control("random", seed=seed, q=200, depth=60)  # 10 windows in ranks 10..59
+        st.observe(torch.arange(0, 200, 2), torch.full((100,), 0.5))  # even examples observed
+        assert st.check()["advanced"] == 100
+        draws.append(st.window.clone())
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # seeded
+    moved = draws[0][0::2]
+    assert bool((moved >= 1).all() and (moved <= 9).all()) and set(moved.tolist()) == set(range(1, 10))
+    assert bool((draws[0][1::2] == 0).all())  # not observed: untouched
+    with pytest.raises(ValueError, match="rule must be 'always' or 'random'"):
+        control("paper")
+
+
+def test_random_control_resumes_with_the_draws_of_the_uninterrupted_run():
+    def observe_and_check(st):
+        st.observe(torch.arange(50), torch.full((50,), 0.5))
+        st.check()
+
+    run = control("random", seed=3, q=50, depth=60)
+    observe_and_check(run)
+    resumed = control("random", seed=3, q=50, depth=60)
+    resumed.load_state_dict(run.state_dict())  # what a checkpoint holds
+    observe_and_check(run)
+    observe_and_check(resumed)
+    assert torch.equal(run.window, resumed.window)
 
 
 def mined_store(initial_score=None) -> NegativeStore:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -63,6 +64,24 @@ def test_report_shows_intervals_and_paired_tests(tmp_path):
     header = next(csv.reader(paths["csv"].read_text().splitlines()))
     assert "certified_radius" not in header and "ci95" not in header  # per-image data: JSON only
     assert json.loads(paths["json"].read_text())[0]["certified_radius"] == [0.8] * 19 + [-1.0] * 11
+
+
+def test_a_kill_while_writing_the_report_leaves_the_previous_one(tmp_path, monkeypatch):
+    ref, base = [True] * 19 + [False] * 11, [True] * 12 + [False] * 18
+    first = write_report([_row("rRCM", ref, [0.8] * 30)], tmp_path, "t")
+    before = {k: p.read_bytes() for k, p in first.items()}
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies between writing a file and renaming it
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_report([_row("rRCM", ref, [0.8] * 30), _row("Cohen", base, [0.8] * 30)], tmp_path, "t")
+    assert {k: p.read_bytes() for k, p in first.items()} == before
+    monkeypatch.undo()
+    second = write_report([_row("rRCM", ref, [0.8] * 30), _row("Cohen", base, [0.8] * 30)], tmp_path, "t")
+    assert "| Cohen |" in second["md"].read_text() and len(json.loads(second["json"].read_text())) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in second.values())  # no temp
 
 
 def test_seed_summary_is_mean_sd_and_a_t_interval_over_seeds():

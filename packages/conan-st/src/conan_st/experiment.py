@@ -36,9 +36,11 @@ from .checkpoints import last_complete_checkpoint, write_text_atomic
 from .data import default_data_dir, load_sts, make_balanced_datasets, retrieval_pairs
 from .evaluation import evaluate_model, local_tasks
 from .losses import CrossGPUBalancingLoss
+from .mining import NegativeStore
 from .sampler import TaskBalancedBatchSampler
 
 RECIPES = ("mnrl", "mnrl_mined", "conan")
+WINDOW_RULES = ("paper", "always", "random")
 
 
 def default_model_path() -> str:
@@ -72,18 +74,30 @@ def train_recipe(
     resume: bool = False,
     sts_weight: float = 0.8,
     dynamic: bool = True,
+    window_rule: str = "paper",
+    callbacks: list | None = None,
 ) -> tuple[SentenceTransformer, dict[str, Any]]:
     """Train one recipe; returns the model and a record of what happened.
 
     For ``conan`` (ablation arms): ``sts_weight`` is the loss's β (``sts_batch_size=0``: no STS
     rows at all, dynamic mining alone); ``dynamic=False`` never checks, so the negatives stay
     the first window mined by the base model (static negatives, the same candidates).
+    ``window_rule`` replaces the paper's rule by a control (see :class:`ControlStore`):
+    ``"always"`` moves every observed example on at every check, ``"random"`` gives it a random
+    window of its candidate list. ``callbacks``: more trainer callbacks (e.g. an evaluation curve).
 
     ``save_steps > 0`` writes ``out/checkpoint-<step>`` every ``save_steps`` steps; ``resume``
     continues from the newest complete one (exactly: weights, optimiser, RNG, data order and
     the mining store), or starts afresh when there is none.
     """
-    _check_recipe(recipe, save_steps, sts_weight=sts_weight, sts_batch_size=sts_batch_size, dynamic=dynamic)
+    _check_recipe(
+        recipe,
+        save_steps,
+        sts_weight=sts_weight,
+        sts_batch_size=sts_batch_size,
+        dynamic=dynamic,
+        window_rule=window_rule,
+    )
     root = Path(data_dir or default_data_dir()) / "text"
     model, pairs = _model_and_pairs(model_path, max_seq_length, root, seed, train_queries)
     record: dict[str, Any] = dict(
@@ -100,6 +114,8 @@ def train_recipe(
             interval=check_interval if dynamic else steps + 1,
             sts_batch_size=sts_batch_size,
             sts_weight=sts_weight,
+            window_rule=window_rule,
+            seed=seed,
         )
         loss, train, args, callback = _conan_setup(model, pairs, _sts(root, sts_rows), common, **mining)
     else:
@@ -107,7 +123,11 @@ def train_recipe(
     record["mining_s"] = round(time.perf_counter() - start, 1)
     # 2. training, from the newest complete checkpoint when resuming
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train, loss=loss, callbacks=[callback] if callback else []
+        model=model,
+        args=args,
+        train_dataset=train,
+        loss=loss,
+        callbacks=([callback] if callback else []) + list(callbacks or []),
     )
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
@@ -124,11 +144,13 @@ def _check_recipe(recipe: str, save_steps: int, **conan_only: Any) -> None:
     """The recipe exists, ``save_steps`` is an int >= 0, and conan's settings are not given to another."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if conan_only.get("window_rule", "paper") not in WINDOW_RULES:
+        raise ValueError(f"window_rule must be one of {WINDOW_RULES}, got {conan_only['window_rule']!r}")
     defaults = {k: inspect.signature(train_recipe).parameters[k].default for k in conan_only}
     if recipe != "conan" and conan_only != defaults:
         raise ValueError(
-            f"sts_weight, sts_batch_size and dynamic are settings of the 'conan' recipe; {recipe!r} has no "
-            f"STS task and no mining callback (got {conan_only})"
+            "sts_weight, sts_batch_size, dynamic and window_rule are settings of the 'conan' recipe; "
+            f"{recipe!r} has no STS task and no mining callback (got {conan_only})"
         )
     if not isinstance(save_steps, int) or save_steps < 0:
         raise ValueError(f"save_steps must be an int >= 0 (0: no checkpoints), got {save_steps!r}")
@@ -182,18 +204,76 @@ def _conan_setup(
     interval: int,
     sts_batch_size: int,
     sts_weight: float,
+    window_rule: str = "paper",
+    seed: int = 0,
 ):
     """CrossGPUBalancingLoss on task-balanced batches, negatives served by the mining callback."""
     loss = CrossGPUBalancingLoss(model, sts_weight=sts_weight)
     callback = DynamicHardNegativeMiningCallback.from_pairs(
         model, pairs, num_negatives=num_negatives, depth=100, loss=loss, interval=interval
     )
+    if window_rule != "paper":  # before train_dataset: the dataset reads its negatives from this store
+        callback.store = ControlStore.like(callback.store, window_rule, seed)
     train = make_balanced_datasets(callback.train_dataset(pairs), sts)
     sampler = TaskBalancedBatchSampler.configure(
         retrieval_batch_size=common["per_device_train_batch_size"], sts_batch_size=sts_batch_size
     )
     args = SentenceTransformerTrainingArguments(**common, multi_dataset_batch_sampler=sampler)
     return loss, train, args, callback
+
+
+class ControlStore(NegativeStore):
+    """The two controls for the paper's window rule (issue 12's ablation; not a training recipe).
+
+    ``"always"``: at every check, every example observed since its window was assigned moves to
+    its next window, whatever its scores (the rule replaced by "fresh negatives on schedule");
+    ``"random"``: every such example gets a window drawn uniformly from the other windows of its
+    candidate list (fresh negatives of random hardness). Comparing the paper's rule with them
+    separates "which examples move, and when" from "the negatives change at all". The random
+    draws of a check are seeded by ``seed`` and the number of windows assigned so far (saved with
+    the store), so a resumed run draws what the uninterrupted one drew.
+    """
+
+    def __init__(self, *args: Any, rule: str = "always", seed: int = 0, **kwargs: Any) -> None:
+        if rule not in ("always", "random"):
+            raise ValueError(f"rule must be 'always' or 'random', got {rule!r}")
+        super().__init__(*args, **kwargs)
+        self.rule, self.seed = rule, seed
+
+    @classmethod
+    def like(cls, store: NegativeStore, rule: str, seed: int) -> ControlStore:
+        """A fresh control store with ``store``'s candidates, scores and window settings."""
+        return cls(
+            store.candidates,
+            store.n,
+            store.skip,
+            store.end_policy,
+            candidate_scores=store.candidate_scores,
+            initial_score=store.initial_score,
+            rule=rule,
+            seed=seed,
+        )
+
+    def check(self, ratio: float = 1.15, bound: float = 0.8) -> dict[str, float]:
+        seen = ~torch.isnan(self.s_init) & ~torch.isnan(self.s_cur)
+        summary = {"checked": int(seen.sum()), "advanced": 0, "exhausted": 0}
+        summary["mean_s_init"] = float(self.s_init[seen].mean()) if seen.any() else float("nan")
+        summary["mean_s_cur"] = float(self.s_cur[seen].mean()) if seen.any() else float("nan")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.assignments.sum()))
+        for i in seen.nonzero().flatten().tolist():
+            windows = (int(self.valid[i]) - self.skip) // self.n  # whole windows in the list
+            if self.rule == "always" and self._can_advance(i):
+                self.window[i] += 1
+            elif self.rule == "random" and windows > 1:
+                other = int(torch.randint(windows - 1, (1,), generator=generator))
+                self.window[i] = other + int(other >= int(self.window[i]))  # any window but the current
+            else:
+                summary["exhausted"] += 1
+                continue
+            summary["advanced"] += 1
+            self.assignments[i] += 1
+            self._assign(i)
+        return summary
 
 
 def _mnrl_setup(recipe: str, model, pairs, common: dict[str, Any], *, num_negatives: int):

@@ -11,7 +11,9 @@ baseline with a 95 % t interval over seeds (the spread a new training run would 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest, bootstrap, ttest_1samp
 
+from ._atomic import write_text_atomic
 from .certification import CertifyResult, average_certified_radius, certified_accuracy, certify
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
@@ -155,7 +158,8 @@ def paired_tests(
 
 
 def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes: str = "") -> dict[str, Path]:
-    """Write report.md, results.csv, results.json and certified_accuracy.png into ``out``."""
+    """Write report.md, results.csv, results.json and certified_accuracy.png into ``out``, each whole
+    or not at all (a killed run leaves the previous report, never a cut one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,13 +176,14 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
             "png": "certified_accuracy.png",
         }.items()
     }
-    paths["json"].write_text(json.dumps(rows, indent=2))
+    write_text_atomic(paths["json"], json.dumps(rows, indent=2))
     scalar = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]  # per-image data: JSON only
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    paths["md"].write_text(markdown_table(rows, title, notes) + uncertainty_tables(rows))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=scalar, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(paths["csv"], table.getvalue())
+    write_text_atomic(paths["md"], markdown_table(rows, title, notes) + uncertainty_tables(rows))
 
     fig, axes = plt.subplots(
         1,
@@ -204,8 +209,10 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
+    tmp = paths["png"].with_name(paths["png"].name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, paths["png"])
     return paths
 
 
