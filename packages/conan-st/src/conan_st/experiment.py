@@ -90,14 +90,10 @@ def train_recipe(
     continues from the newest complete one (exactly: weights, optimiser, RNG, data order and
     the mining store), or starts afresh when there is none.
     """
-    _check_recipe(
-        recipe,
-        save_steps,
-        sts_weight=sts_weight,
-        sts_batch_size=sts_batch_size,
-        dynamic=dynamic,
-        window_rule=window_rule,
+    conan_only = dict(
+        sts_weight=sts_weight, sts_batch_size=sts_batch_size, dynamic=dynamic, window_rule=window_rule
     )
+    _check_recipe(recipe, save_steps, **conan_only)
     root = Path(data_dir or default_data_dir()) / "text"
     model, pairs = _model_and_pairs(model_path, max_seq_length, root, seed, train_queries)
     record: dict[str, Any] = dict(
@@ -109,25 +105,18 @@ def train_recipe(
         out, steps=steps, lr=lr, seed=seed, save_steps=save_steps, progress=progress, batch_size=batch_size
     )
     if recipe == "conan":
-        mining = dict(
-            num_negatives=num_negatives,
-            interval=check_interval if dynamic else steps + 1,
-            sts_batch_size=sts_batch_size,
-            sts_weight=sts_weight,
-            window_rule=window_rule,
-            seed=seed,
+        # dynamic=False: the first check would come after the last step
+        conan_only["interval"] = check_interval if conan_only.pop("dynamic") else steps + 1
+        loss, train, args, callback = _conan_setup(
+            model, pairs, _sts(root, sts_rows), common, num_negatives=num_negatives, seed=seed, **conan_only
         )
-        loss, train, args, callback = _conan_setup(model, pairs, _sts(root, sts_rows), common, **mining)
     else:
         loss, train, args, callback = _mnrl_setup(recipe, model, pairs, common, num_negatives=num_negatives)
     record["mining_s"] = round(time.perf_counter() - start, 1)
     # 2. training, from the newest complete checkpoint when resuming
+    callbacks = [c for c in (callback, *(callbacks or [])) if c is not None]
     trainer = SentenceTransformerTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        loss=loss,
-        callbacks=([callback] if callback else []) + list(callbacks or []),
+        model=model, args=args, train_dataset=train, loss=loss, callbacks=callbacks
     )
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
