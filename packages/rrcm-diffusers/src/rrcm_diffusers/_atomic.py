@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path.tmp``, then rename it over ``path``: readers see the old file or
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write`` the file at ``path.tmp``, then rename it over ``path``: readers see the old file or
     the new one, never a cut one (``os.replace`` is atomic on one filesystem)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def claim_folder(

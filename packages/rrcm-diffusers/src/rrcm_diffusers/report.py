@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest, bootstrap, ttest_1samp
 
-from ._atomic import write_text_atomic
+from ._atomic import write_atomic, write_text_atomic
 from .certification import CertifyResult, average_certified_radius, certified_accuracy, certify
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
@@ -209,10 +208,8 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = paths["png"].with_name(paths["png"].name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    write_atomic(paths["png"], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, paths["png"])
     return paths
 
 
