@@ -79,7 +79,7 @@ class _Curve(TrainerCallback):
 
 
 def _summary(results: dict[str, dict[str, float]], recipes: list[str], seeds: list[int]) -> list[str]:
-    """Mean ± sd per arm, and each arm minus (a), (b) and (c) paired by seed with a 95 % t interval."""
+    """Mean ± sd per arm, and each arm minus every REFERENCES arm before it, paired by seed (95 % t interval)."""
     rule = "|---" * (len(TASKS) + 1) + "|"
     lines = ["", "| recipe | " + " | ".join(f"{t} mean ± sd" for t in TASKS) + " |", rule]
     for recipe in recipes:

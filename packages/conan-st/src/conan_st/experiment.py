@@ -133,7 +133,7 @@ def _check_recipe(recipe: str, save_steps: int, **conan_only: Any) -> None:
     """The recipe exists, ``save_steps`` is an int >= 0, and conan's settings are not given to another."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    if conan_only.get("window_rule", "paper") not in WINDOW_RULES:
+    if conan_only["window_rule"] not in WINDOW_RULES:
         raise ValueError(f"window_rule must be one of {WINDOW_RULES}, got {conan_only['window_rule']!r}")
     defaults = {k: inspect.signature(train_recipe).parameters[k].default for k in conan_only}
     if recipe != "conan" and conan_only != defaults:
@@ -244,25 +244,20 @@ class ControlStore(NegativeStore):
         )
 
     def check(self, ratio: float = 1.15, bound: float = 0.8) -> dict[str, float]:
-        seen = ~torch.isnan(self.s_init) & ~torch.isnan(self.s_cur)
-        summary = {"checked": int(seen.sum()), "advanced": 0, "exhausted": 0}
-        summary["mean_s_init"] = float(self.s_init[seen].mean()) if seen.any() else float("nan")
-        summary["mean_s_cur"] = float(self.s_cur[seen].mean()) if seen.any() else float("nan")
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.assignments.sum()))
-        for i in seen.nonzero().flatten().tolist():
-            windows = (int(self.valid[i]) - self.skip) // self.n  # whole windows in the list
-            if self.rule == "always" and self._can_advance(i):
-                self.window[i] += 1
-            elif self.rule == "random" and windows > 1:
-                other = int(torch.randint(windows - 1, (1,), generator=generator))
-                self.window[i] = other + int(other >= int(self.window[i]))  # any window but the current
-            else:
-                summary["exhausted"] += 1
-                continue
-            summary["advanced"] += 1
-            self.assignments[i] += 1
-            self._assign(i)
-        return summary
+        self._draws = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.assignments.sum()))
+        return super().check(ratio, bound)
+
+    def _movers(self, seen: torch.Tensor, ratio: float, bound: float) -> torch.Tensor:
+        return seen  # whatever the scores
+
+    def _next_window(self, i: int) -> int | None:
+        if self.rule == "always":
+            return int(self.window[i]) + 1 if self._can_advance(i) else None
+        windows = (int(self.valid[i]) - self.skip) // self.n  # whole windows in the list
+        if windows < 2:
+            return None
+        other = int(torch.randint(windows - 1, (1,), generator=self._draws))
+        return other + int(other >= int(self.window[i]))  # any window but the current
 
 
 def _mnrl_setup(recipe: str, model, pairs, common: dict[str, Any], *, num_negatives: int):

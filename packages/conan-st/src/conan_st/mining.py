@@ -229,6 +229,16 @@ class NegativeStore:
     def _can_advance(self, i: int) -> bool:
         return (int(self.window[i]) + 1) * self.n + self.skip + self.n <= int(self.valid[i])
 
+    def _movers(self, seen: torch.Tensor, ratio: float, bound: float) -> torch.Tensor:
+        """Which of the ``seen`` examples move at this check (the paper's rule; a control overrides it)."""
+        return seen & (ratio * self.s_cur < self.s_init) & (self.s_cur.abs() < bound)
+
+    def _next_window(self, i: int) -> int | None:
+        """Example ``i``'s window after a move; None: the list is used up ("stay")."""
+        if self._can_advance(i):
+            return int(self.window[i]) + 1
+        return 0 if self.end_policy == "wrap" else None
+
     def _assign(self, i: int) -> None:
         """Example ``i`` has a new window: no S_cur yet; S_init its candidates' mean mining score
         ("mined") or the next observation ("observed")."""
@@ -250,19 +260,16 @@ class NegativeStore:
     def check(self, ratio: float = 1.15, bound: float = 0.8) -> dict[str, float]:
         """The paper's rule: advance examples with ratio·S_cur < S_init and |S_cur| < bound."""
         seen = ~torch.isnan(self.s_init) & ~torch.isnan(self.s_cur)
-        easy = seen & (ratio * self.s_cur < self.s_init) & (self.s_cur.abs() < bound)
         # the scores the rule saw, before advancing examples resets theirs
         mean_init = float(self.s_init[seen].mean()) if seen.any() else math.nan
         mean_cur = float(self.s_cur[seen].mean()) if seen.any() else math.nan
         advanced = exhausted = 0
-        for i in easy.nonzero().flatten().tolist():
-            if self._can_advance(i):
-                self.window[i] += 1
-            elif self.end_policy == "wrap":
-                self.window[i] = 0
-            else:
+        for i in self._movers(seen, ratio, bound).nonzero().flatten().tolist():
+            window = self._next_window(i)
+            if window is None:
                 exhausted += 1
                 continue
+            self.window[i] = window
             advanced += 1
             self.assignments[i] += 1
             self._assign(i)
