@@ -1,7 +1,8 @@
 """Certification cost: rRCM vs Cohen vs DDS per noise sample, the pipeline's overhead, bf16.
 
 One run on this machine, the model of an experiment config (default
-examples/rrcm/configs/mnist_main.yaml, the main job's; weights do not change the cost, so fresh models are used).
+examples/rrcm/configs/mnist_main.yaml, the main job's; weights do not change the cost, so fresh models are used;
+the image shape and the DDS UNet follow the config's dataset: 1x28x28 MNIST, 3x32x32 CIFAR-10).
 Every round times, in a rotating order: RRCMPipeline.certify, a bare batched forward of the same
 model over the same number of samples (inputs drawn beforehand), DDS certify (``--dds-images``
 images; the cost per sample is what counts), and a forward in fp32 and under bf16 autocast.
@@ -29,6 +30,8 @@ import torch
 from _common import interleave, machine, ratios, spread
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
+
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # a config's dataset -> (C, H, W)
 
 
 def gemm_peak(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
@@ -63,24 +66,31 @@ def main() -> None:
 
     print(machine())
     torch.manual_seed(0)
-    model_cfg = load_config(args.config).model
-    print(f"model: {model_cfg} ({args.config})")
-    kw = {**model_cfg, "projection_dim": 0, "num_classes": 10}
+    cfg = load_config(args.config)
+    shape = IMAGE_SHAPES[cfg.dataset]  # (C, H, W)
+    print(f"model: {cfg.model}, images {shape} ({args.config})")
+    kw = {
+        **cfg.model,
+        "image_size": shape[-1],
+        "in_channels": shape[0],
+        "projection_dim": 0,
+        "num_classes": 10,
+    }
     clf = RRCMModel(**kw).eval()
     rrcm = RRCMPipeline(model=clf, scheduler=cm_scheduler())
     dds = DDSPipeline(
-        unet=small_unet().eval(),
+        unet=small_unet(shape[-1], shape[0]).eval(),
         scheduler=DDPMScheduler(num_train_timesteps=1000),
         classifier=RRCMModel(**kw).eval(),
     )
     for p in (rrcm, dds):
         p.set_progress_bar_config(disable=True)
     sigma, n0 = 0.5, 100
-    images = torch.rand(args.images, 1, 28, 28)
+    images = torch.rand(args.images, *shape)
 
     def flops(f) -> float:
         # grad enabled: nn.TransformerEncoderLayer's inference fast path is invisible to the counter
-        x = torch.rand(100, 1, 28, 28)
+        x = torch.rand(100, *shape)
         with torch.enable_grad(), FlopCounterMode(display=False) as counter:
             f(x)
         return counter.get_total_flops() / 100
@@ -94,21 +104,21 @@ def main() -> None:
         )
         return 1000 * t / (len(imgs) * (n0 + args.n))  # ms per noise sample
 
-    # the bare loop: the same model, the same batch shapes, inputs drawn beforehand, nothing else
+    # the bare loop: the same model, the same batch sizes, inputs drawn beforehand, nothing else
     level = noise_level_for_sigma(sigma, rrcm.scheduler.config.num_train_timesteps)
-    shapes = [min(args.batch, n0 - s) for s in range(0, n0, args.batch)]
-    shapes += [min(args.batch, args.n - s) for s in range(0, args.n, args.batch)]
-    xs = {b: torch.randn(b, 1, 28, 28) for b in set(shapes)}
+    batch_sizes = [min(args.batch, n0 - s) for s in range(0, n0, args.batch)]
+    batch_sizes += [min(args.batch, args.n - s) for s in range(0, args.n, args.batch)]
+    xs = {b: torch.randn(b, *shape) for b in set(batch_sizes)}
 
     @torch.inference_mode()
     def bare_time() -> float:
         t0 = time.perf_counter()
         for _ in range(args.images):
-            for b in shapes:
+            for b in batch_sizes:
                 clf(xs[b], level).logits.argmax(-1)
         return 1000 * (time.perf_counter() - t0) / (args.images * (n0 + args.n))
 
-    x = torch.rand(args.batch, 1, 28, 28)
+    x = torch.rand(args.batch, *shape)
 
     @torch.inference_mode()
     def forward_time(dtype: torch.dtype | None) -> float:
@@ -174,7 +184,7 @@ def _compile_report(clf, x: torch.Tensor, level: float, eager_s: float, batch: i
     with torch.inference_mode():
         first = _timed(lambda: compiled(x, level))
         comp = min(_timed(lambda: compiled(x, level)) for _ in range(3))
-        votes = torch.randn(batch, 1, 28, 28)
+        votes = torch.randn_like(x)
         agree = (
             (compiled(votes, level).logits.argmax(-1) == clf(votes, level).logits.argmax(-1)).float().mean()
         )

@@ -12,17 +12,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-CASES = {
-    "bench_gather.py": (["--rounds", "2", "--iters", "2"], "worst median ratio ours / torch"),
-    "bench_certify.py": (["--rounds", "2", "--n", "100", "--images", "1", "--batch", "100"], "overhead"),
-    "bench_cbb.py": (["--rounds", "2", "--iters", "1", "--batch", "4"], "CBB / MNRL"),
+CERTIFY = ["--rounds", "2", "--n", "100", "--images", "1", "--batch", "100"]
+CASES = {  # id: (script, arguments, what its output must say)
+    "gather": ("bench_gather.py", ["--rounds", "2", "--iters", "2"], "worst median ratio ours / torch"),
+    "certify-mnist": ("bench_certify.py", CERTIFY, "overhead"),
+    # the CIFAR-10 config: 3x32x32 images through the ViT and the DDS UNet
+    "certify-cifar10": (
+        "bench_certify.py",
+        [*CERTIFY, "--config", "examples/rrcm/configs/cifar10_cpu.yaml"],
+        "images (3, 32, 32)",
+    ),
+    "cbb": ("bench_cbb.py", ["--rounds", "2", "--iters", "1", "--batch", "4"], "CBB / MNRL"),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", list(CASES))
-def test_benchmark_prints_the_machine_and_spreads(script):
-    args, expect = CASES[script]
+@pytest.mark.parametrize("case", list(CASES))
+def test_benchmark_prints_the_machine_and_spreads(case):
+    script, args, expect = CASES[case]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *args],

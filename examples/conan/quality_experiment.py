@@ -156,7 +156,8 @@ def _plot_curve(
         ax.fill_between(steps, mean - sd, mean + sd, color=f"C{k}", alpha=0.2)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{TASKS[0]} nDCG@10")
-    ax.set_title(f"mean over seeds {seeds}, ± sd band; step 0: the base model", fontsize=10)
+    runs = f"mean over seeds {seeds}, ± sd band" if len(seeds) > 1 else f"one run (seed {seeds[0]})"
+    ax.set_title(f"{runs}; step 0: the base model", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -164,8 +165,9 @@ def _plot_curve(
 
 
 def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    if len(values) == 1:  # no spread to show: "± 0.0000" would read as a measured one
+        return f"{values[0]:.4f} (one seed)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def main() -> None:

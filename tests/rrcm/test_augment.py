@@ -1,4 +1,5 @@
-"""The classifiers' training augmentation (pad-4 crop + flip) against a slicing reference."""
+"""The classifiers' training augmentation (pad-4 crop + flip) against a slicing reference, and the
+CIFAR-10 configs that use it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from rrcm_diffusers.augment import classifier_view, random_crop
+from rrcm_diffusers.data import strided_class_subset
 from rrcm_diffusers.experiment import _baselines, load_config
 from rrcm_diffusers.training import FinetuneConfig, finetune
 from tests.helpers import REPO
@@ -71,3 +73,20 @@ def test_a_bad_augment_in_the_config_fails_at_load_not_after_pretraining():
         ValueError, match=r"finetune.augment in the overrides must be one of .*got 'crop-flip'"
     ):
         load_config(None, finetune={"augment": "crop-flip"})
+
+
+def test_the_cifar_dds_config_certifies_the_cifar_tables_models_on_a_subset_of_its_images():
+    # RESULTS.md sets cifar10_dds_cpu.yaml's DDS row beside cifar10_cpu.yaml's rRCM and Cohen rows
+    table = load_config(REPO / "examples/rrcm/configs/cifar10_cpu.yaml")
+    dds = load_config(REPO / "examples/rrcm/configs/cifar10_dds_cpu.yaml")
+    assert dds.dds.enabled and not table.dds.enabled and set(dds.sigmas) < set(table.sigmas)
+    for part in ("dataset", "seed", "model", "pretrain", "finetune", "cohen"):
+        assert getattr(dds, part) == getattr(table, part), part
+    labels = torch.arange(10).repeat_interleave(100)  # the test-1k split: 100 per class
+    small = strided_class_subset(labels, dds.certify.per_class)
+    assert set(small.tolist()) < set(strided_class_subset(labels, table.certify.per_class).tolist())
+    assert (dds.certify.n0, dds.certify.n, dds.certify.alpha) == (
+        table.certify.n0,
+        table.certify.n,
+        table.certify.alpha,
+    )
