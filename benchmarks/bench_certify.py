@@ -31,8 +31,6 @@ from _common import interleave, machine, ratios, spread
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # a config's dataset -> (C, H, W)
-
 
 def gemm_peak(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
     """GFLOP/s of a square matmul on this machine: the ceiling for a transformer's forward."""
@@ -60,6 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from rrcm_diffusers import RRCMModel, RRCMPipeline
+    from rrcm_diffusers.data import load_dataset
     from rrcm_diffusers.experiment import cm_scheduler, load_config
     from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
     from rrcm_diffusers.trajectory import noise_level_for_sigma
@@ -67,7 +66,8 @@ def main() -> None:
     print(machine())
     torch.manual_seed(0)
     cfg = load_config(args.config)
-    shape = IMAGE_SHAPES[cfg.dataset]  # (C, H, W)
+    # (C, H, W) read from the config's own test split, as the experiment does: no second list of shapes
+    shape = tuple(load_dataset(cfg.dataset, "test", cfg.data_dir)[0].shape[1:])
     print(f"model: {cfg.model}, images {shape} ({args.config})")
     kw = {
         **cfg.model,
