@@ -81,7 +81,7 @@ def test_the_cifar_dds_config_certifies_the_cifar_tables_models_on_a_subset_of_i
     # RESULTS.md sets cifar10_dds_cpu.yaml's DDS row beside cifar10_cpu.yaml's rRCM and Cohen rows
     table = load_config(REPO / "examples/rrcm/configs/cifar10_cpu.yaml")
     dds = load_config(REPO / "examples/rrcm/configs/cifar10_dds_cpu.yaml")
-    assert dds.dds.enabled and not table.dds.enabled and set(dds.sigmas) <= set(table.sigmas)
+    assert dds.dds.enabled and not table.dds.enabled and dds.sigmas == table.sigmas
     for part in ("dataset", "seed", "model", "pretrain", "finetune", "cohen"):
         assert getattr(dds, part) == getattr(table, part), part
     labels = torch.arange(10).repeat_interleave(100)  # the test-1k split: 100 per class
