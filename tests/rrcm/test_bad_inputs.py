@@ -199,7 +199,7 @@ TRAIN_CASES = {
     ),
     "pretrain: negative steps": (
         lambda: pretrain(tiny_model(), torch.zeros(16, 1, 28, 28, dtype=torch.uint8), _pre(steps=-3)),
-        "config.steps must be >= 0, got -3",
+        "PretrainConfig.steps must be an integer >= 0, got -3",
     ),
     "finetune: too few images": (
         lambda: finetune(
@@ -464,3 +464,274 @@ def test_seeds_run_once_each_and_a_finished_seed_is_read_back(tmp_path, data_dir
     assert "mean ± sd over 2 training seeds" in (tmp_path / "seeds.md").read_text()
     with pytest.raises(ValueError, match="seeds must be distinct"):
         run_seeds(cfg, [1, 1], tmp_path, Accelerator(cpu=True), progress=False)
+
+
+# ------------------------------------------------------------------ round 3 (#31): a class per block
+# Each block is one class of failure found by trying the packages as a careless script would; the
+# cases are ours, not only the report's. Every one ends in an error that names the argument (or the
+# file and line) and what was expected, leaves what was on disk as it was, or gives a documented result.
+
+X16 = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def _folder_bytes(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pretrained_folder(tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_model(), X16, _pre(steps=2, checkpoint_every=1), Accelerator(cpu=True), out, progress=False)
+    return out
+
+
+FOLDER_CASES = {  # (what the second call changes, the message)
+    "another architecture": (dict(model=dict(hidden_size=48)), r"another config \(differs in \['model'\]"),
+    "another learning rate": (dict(config=dict(lr=5e-3)), r"another config \(differs in \['config'\]"),
+    "another seed": (dict(config=dict(seed=3)), r"another config \(differs in \['config'\]"),
+    "other data": (dict(images=X16.flip(0)), r"another config \(differs in \['data_sha256'\]"),
+    "another stage (finetune)": (dict(stage="finetune"), r"another config \(differs in"),
+    "resume=False over its checkpoints": (dict(resume=False), "resume=False would overwrite them"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_a_training_run_never_clobbers_or_adopts_another_runs_folder(case, tmp_path):
+    change, match = FOLDER_CASES[case]
+    out = _pretrained_folder(tmp_path)
+    before = _folder_bytes(out)
+    with pytest.raises(ValueError, match=match):
+        if change.get("stage") == "finetune":
+            finetune(
+                tiny_model().for_classification(10),
+                X16,
+                torch.arange(16) % 10,
+                FinetuneConfig(sigma=0.5, probe_steps=1, steps=1, batch_size=8),
+                Accelerator(cpu=True),
+                out,
+                progress=False,
+            )
+        else:
+            model = tiny_model(**change.get("model", {}))
+            cfg = _pre(steps=3, checkpoint_every=1, **change.get("config", {}))
+            images = change.get("images", X16)
+            pretrain(
+                model,
+                images,
+                cfg,
+                Accelerator(cpu=True),
+                out,
+                resume=change.get("resume", True),
+                progress=False,
+            )
+    assert _folder_bytes(out) == before  # nothing written, nothing deleted
+
+
+def test_checkpoints_with_no_record_are_not_adopted(tmp_path):
+    out = _pretrained_folder(tmp_path)
+    (out / "training_run.json").unlink()  # another tool's (or an older version's) checkpoints
+    before = _folder_bytes(out)
+    with pytest.raises(ValueError, match="holds results with no record of the config"):
+        pretrain(
+            tiny_model(), X16, _pre(steps=3, checkpoint_every=1), Accelerator(cpu=True), out, progress=False
+        )
+    assert _folder_bytes(out) == before
+
+
+def test_the_same_run_resumes_and_a_longer_one_continues_it(tmp_path):
+    out = _pretrained_folder(tmp_path)
+    _, _, hist = pretrain(
+        tiny_model(seed=4), X16, _pre(steps=3, checkpoint_every=1), Accelerator(cpu=True), out, progress=False
+    )
+    assert [h["step"] for h in hist] == [3]  # resumed after step 2: the record allows more steps
+
+
+def test_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ValueError, match="output_dir .* exists and is not a folder"):
+        pretrain(tiny_model(), X16, _pre(), Accelerator(cpu=True), tmp_path / "f", progress=False)
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def _int_weights(state):
+    for k in list(state):
+        state[k] = (state[k] * 100).to(torch.int32)  # cast back to float on load: 98 % zeros
+
+
+def _half_weights(state):
+    for k in list(state):
+        state[k] = state[k].half()  # floating point: loads (cast), as diffusers does
+
+
+INT_WEIGHT_CASES = {
+    "every tensor int32": (_int_weights, "holds non-floating tensors"),
+    "one tensor int64": (
+        lambda s: s.update({"classifier.weight": s["classifier.weight"].long()}),
+        r"holds non-floating tensors \(1, e.g. \{'classifier.weight': 'I64'\}\)",
+    ),
+    "one tensor bool": (
+        lambda s: s.update({"classifier.bias": s["classifier.bias"] > 0}),
+        "holds non-floating tensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INT_WEIGHT_CASES))
+def test_weights_that_are_not_floating_point_are_refused(case, tmp_path):
+    edit, match = INT_WEIGHT_CASES[case]
+    RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path)
+    _rewrite(tmp_path / "model", edit)
+    with pytest.raises(ValueError, match=match):
+        RRCMPipeline.from_pretrained(tmp_path)
+
+
+def test_half_precision_weights_still_load(tmp_path):
+    RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path)
+    _rewrite(tmp_path / "model", _half_weights)
+    assert RRCMPipeline.from_pretrained(tmp_path).model.classifier.weight.dtype == torch.float32
+
+
+def test_a_dds_unet_with_integer_weights_is_refused(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
+
+    torch.manual_seed(0)
+    pipe = DDSPipeline(unet=small_unet(), scheduler=DDPMScheduler(), classifier=tiny_model(num_classes=10))
+    pipe.save_pretrained(tmp_path)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.to(torch.int8) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(ValueError, match=r"unet.*holds non-floating tensors"):
+        DDSPipeline.from_pretrained(tmp_path)
+
+
+VALUE_CASES = {  # class 8: a raw torch/Python message before; now the argument's name
+    "sigma True": (
+        lambda: certify(_linear(), IMAGES, True, n0=10, n=20),
+        "sigma must be a finite number > 0",
+    ),
+    "sigma 1e300": (lambda: certify(_linear(), IMAGES, 1e300, n0=10, n=20), r"sigma must be .*<= 10000"),
+    "sigma None": (lambda: certify(_linear(), IMAGES, None, n0=10, n=20), "sigma must be a finite number"),
+    "alpha True": (
+        lambda: certify(_linear(), IMAGES, 0.5, n0=10, n=20, alpha=True),
+        r"alpha must be in \(0, 1\)",
+    ),
+    "predict sigma True": (
+        lambda: predict(_linear(), IMAGES, True, num_samples=10),
+        "sigma must be a finite number > 0",
+    ),
+    "pipeline sigma 1e300": (
+        lambda: RRCMPipeline(model=tiny_model(num_classes=3)).certify(IMAGES, sigma=1e300, n0=10, n=20),
+        r"sigma must be .*<= 10000",
+    ),
+    "log_every 0": (
+        lambda: PretrainConfig(log_every=0),
+        r"PretrainConfig.log_every must be an integer >= 1, got 0",
+    ),
+    "batch_size 2.5": (
+        lambda: PretrainConfig(batch_size=2.5),
+        r"PretrainConfig.batch_size must be an integer",
+    ),
+    "steps 1e3": (
+        lambda: PretrainConfig(steps=1e3),
+        r"PretrainConfig.steps must be an integer >= 0, got 1000.0",
+    ),
+    "lr nan": (
+        lambda: PretrainConfig(lr=math.nan),
+        r"PretrainConfig.lr must be a finite number in \(0, inf\]",
+    ),
+    "tau 0": (lambda: PretrainConfig(tau=0.0), r"PretrainConfig.tau must be a finite number"),
+    "ema_end 2": (
+        lambda: PretrainConfig(ema_end=2.0),
+        r"PretrainConfig.ema_end must be a finite number in \[0, 1\]",
+    ),
+    "ema_schedule typo": (
+        lambda: PretrainConfig(ema_schedule="sigmiod"),
+        "PretrainConfig.ema_schedule must be one of",
+    ),
+    "augment typo": (
+        lambda: PretrainConfig(augment="gray"),
+        r"PretrainConfig.augment must be one of \['grey', 'rgb'\]",
+    ),
+    "finetune sigma -1": (
+        lambda: FinetuneConfig(sigma=-1.0),
+        "FinetuneConfig.sigma must be a finite number > 0",
+    ),
+    "finetune log_every 0": (
+        lambda: FinetuneConfig(log_every=0),
+        "FinetuneConfig.log_every must be an integer >= 1",
+    ),
+    "finetune layer_decay 0": (
+        lambda: FinetuneConfig(layer_decay=0.0),
+        r"FinetuneConfig.layer_decay must be .* \(0, 1\]",
+    ),
+    "finetune noise samples 0": (
+        lambda: FinetuneConfig(num_noise_samples=0),
+        "FinetuneConfig.num_noise_samples must be an integer >= 1",
+    ),
+    "per_class 0": (
+        lambda: __import__("rrcm_diffusers.data").data.strided_class_subset(torch.arange(10), 0),
+        "per_class must be an integer >= 1",
+    ),
+    "plugin switch unparsable": (
+        lambda: _with_env(
+            "RRCM_DISABLE_PLUGIN_AUTOLOAD", "maybe", "rrcm_diffusers.hooks", "build_plugin_manager"
+        ),
+        "RRCM_DISABLE_PLUGIN_AUTOLOAD must be 1/0",
+    ),
+}
+
+
+def _with_env(name, value, module, function):
+    import importlib
+    import os
+
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return getattr(importlib.import_module(module), function)()
+    finally:
+        os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
+
+
+@pytest.mark.parametrize("case", list(VALUE_CASES))
+def test_a_bad_value_names_its_argument(case):
+    run, match = VALUE_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        run()
+
+
+EXPERIMENT_VALUE_CASES = {  # refused at load, before any stage claims a folder
+    "certify n 0": (dict(certify={"n": 0}), r"certify.n must be an integer >= 1, got 0"),
+    "certify per_class -5": (dict(certify={"per_class": -5}), r"certify.per_class must be an integer >= 1"),
+    "certify alpha 1": (dict(certify={"alpha": 1.0}), r"certify.alpha must be in \(0, 1\)"),
+    "sigmas negative": (dict(sigmas=[0.5, -0.25]), r"sigmas\[...\] must be a finite number > 0"),
+    "sigmas empty": (dict(sigmas=[]), "sigmas must be a non-empty list"),
+    "sigmas a number": (dict(sigmas=0.5), "sigmas must be a non-empty list"),
+    "pretrain log_every 0": (
+        dict(pretrain={"log_every": 0}),
+        "PretrainConfig.log_every must be an integer >= 1",
+    ),
+    "finetune lr 0": (dict(finetune={"lr": 0.0}), r"FinetuneConfig.lr must be a finite number in \(0, inf\]"),
+    "ablation tau -1": (dict(ablations={"x": {"tau": -1.0}}), "PretrainConfig.tau must be a finite number"),
+    "dataset typo": (dict(dataset="mnsit"), r"dataset must be one of \['mnist', 'cifar10'\]"),
+    "cohen steps 2.5": (dict(cohen={"steps": 2.5}), "FinetuneConfig.steps must be an integer"),
+    "probe images 0": (dict(probe={"test_images": 0}), "probe.test_images must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPERIMENT_VALUE_CASES))
+def test_experiment_config_values_are_checked_before_anything_is_written(case):
+    from rrcm_diffusers.experiment import load_config
+
+    overrides, match = EXPERIMENT_VALUE_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        load_config(None, **overrides)
+
+
+def test_an_experiment_model_section_is_checked_before_any_folder(tmp_path, data_dir):
+    from rrcm_diffusers.experiment import run
+
+    cfg = _tiny_experiment(data_dir, num_heads=5)  # 32 is not a multiple of 5 heads
+    with pytest.raises((ValueError, AssertionError)):
+        run(cfg, tmp_path / "exp", Accelerator(cpu=True), progress=False)
+    assert not (tmp_path / "exp").exists()

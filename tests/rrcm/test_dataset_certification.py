@@ -19,7 +19,12 @@ from tests.helpers import REPO
 from tests.rrcm.helpers import tiny_model
 
 N0, N, SIGMA = 20, 300, 0.25
-TIMING = ("seconds", "ms_per_noise_sample", "wall_s")
+TIMING = (
+    "seconds",
+    "ms_per_noise_sample",
+    "wall_s",
+    "run",
+)  # "run": the run record's hash, not the certificate
 
 
 def _images(count: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,3 +176,127 @@ def test_cli_under_accelerate_launch_writes_the_report_of_one_process(pipe_dir, 
     }
     assert "2 processes on cpu" in (tmp_path / "two" / "report" / "report.md").read_text()
     assert (tmp_path / "two" / "report" / "certified_accuracy.png").is_file()
+
+
+# ------------------------------------------------------------------ #31: bad input, before and after the claim
+
+CLAIM_CASES = {  # refused BEFORE run.json is written: the corrected command then runs
+    "n 0": (dict(n=0), "n must be a positive integer, got 0"),
+    "n0 -1": (dict(n0=-1), "n0 must be a positive integer"),
+    "sigma negative": (dict(sigma=-0.5), "sigma must be a finite number > 0"),
+    "sigma True": (dict(sigma=True), "sigma must be a finite number > 0"),
+    "alpha 1": (dict(alpha=1.0), r"alpha must be in \(0, 1\)"),
+    "batch_size 0": (dict(batch_size=0), "batch_size must be a positive integer"),
+    "seed -1": (dict(seed=-1), "seed must be an integer >= 0"),
+    "the wrong dataset (CIFAR-shaped images)": (
+        dict(images=torch.rand(3, 3, 32, 32)),
+        r"images must have shape \(N, 1, 28, 28\)|sample must have shape",
+    ),
+    "images in [0, 255]": (dict(images=_images(3)[0] * 255), r"images must lie in \[0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLAIM_CASES))
+def test_a_refused_argument_leaves_no_record_behind(case, pipe_dir, tmp_path):
+    change, match = CLAIM_CASES[case]
+    images, labels = _images(3)
+    args = {**dict(images=images, labels=labels, sigma=SIGMA, n0=N0, n=N, progress=False), **change}
+    pipe = load_pipeline(pipe_dir)
+    with pytest.raises(ValueError, match=match):
+        certify_dataset(pipe, out=tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+    records = certify_dataset(pipe, images, labels, SIGMA, tmp_path / "out", n0=N0, n=N, progress=False)
+    assert len(records) == 3  # the corrected command is not refused as "another config"
+
+
+def _finished(pipe_dir, out):
+    images, labels = _images(3)
+    pipe = load_pipeline(pipe_dir)
+    certify_dataset(pipe, images, labels, SIGMA, out, n0=N0, n=N, progress=False)
+    return lambda: certify_dataset(pipe, images, labels, SIGMA, out, n0=N0, n=N, progress=False)
+
+
+def _conflicting_line(out):
+    lines = (out / "certificates.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["radius"] += 1.0  # the same image, another certificate
+    (out / "certificates.jsonl").write_text("\n".join([*lines, json.dumps(record)]) + "\n")
+
+
+def _damaged_middle_line(out):
+    lines = (out / "certificates.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:-7]
+    (out / "certificates.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _relabelled(out):
+    run = json.loads((out / "run.json").read_text())
+    run["alpha"] = 0.01  # the old certificates were made at α = 0.001
+    (out / "run.json").write_text(json.dumps(run))
+
+
+RECORD_CASES = {
+    "a conflicting second line": (
+        _conflicting_line,
+        r"certificates.jsonl, line 4: a second, different certificate for image 1",
+    ),
+    "a damaged line in the middle": (
+        _damaged_middle_line,
+        r"certificates.jsonl, line 2: not a certificate record",
+    ),
+    "a line without an index": (
+        lambda out: (out / "certificates.jsonl").write_text('{"radius": 1.0}\n'),
+        r"certificates.jsonl, line 1: not a certificate record",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RECORD_CASES))
+def test_records_changed_outside_the_program_are_refused_with_file_and_line(case, pipe_dir, tmp_path):
+    edit, match = RECORD_CASES[case]
+    again = _finished(pipe_dir, tmp_path)
+    edit(tmp_path)
+    before = (tmp_path / "certificates.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=match):
+        again()
+    assert (tmp_path / "certificates.jsonl").read_bytes() == before  # nothing cut or appended
+
+
+def test_a_hand_edited_run_record_does_not_relabel_old_certificates(pipe_dir, tmp_path):
+    _finished(pipe_dir, tmp_path)
+    _relabelled(tmp_path)
+    images, labels = _images(3)
+    with pytest.raises(ValueError, match=r"line 1: made under another run record than .*run.json"):
+        certify_dataset(
+            load_pipeline(pipe_dir), images, labels, SIGMA, tmp_path, n0=N0, n=N, alpha=0.01, progress=False
+        )
+
+
+def test_an_identical_repeated_line_is_harmless(pipe_dir, tmp_path):
+    first = _strip(_finished(pipe_dir, tmp_path)())
+    text = (tmp_path / "certificates.jsonl").read_text()
+    (tmp_path / "certificates.jsonl").write_text(text + text.splitlines()[0] + "\n")  # a replayed append
+    assert _strip(_finished(pipe_dir, tmp_path)()) == first
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-images", "0"], "--num-images: expected a positive integer, got 0"),
+        (["--num-images", "-3"], "--num-images: expected a positive integer, got -3"),
+        (["--per-class", "0"], "--per-class: expected a positive integer, got 0"),
+        (["--n", "1e5"], "--n: expected a positive integer, got '1e5'"),
+        (["--sigma", "-0.5"], "--sigma: expected a finite number > 0"),
+        (["--sigma", "nan"], "--sigma: expected a finite number > 0"),
+        (["--alpha", "1"], r"--alpha: expected a number in \(0, 1\)"),
+        (["--dataset", "mnsit"], "--dataset: invalid choice"),
+    ],
+)
+def test_cli_counts_and_values_are_checked_before_anything_runs(flags, message, tmp_path, capsys):
+    from rrcm_diffusers.dataset_certification import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pipeline", str(tmp_path), "--out", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -155,3 +155,55 @@ def test_object_collectives_round_trip_unequal_sizes():
     results = launch(_w_objects, 3, timeout=60)
     want = [{"rank": r, "text": "é" * (1000 * r), "ids": list(range(r))} for r in range(3)]
     assert all(res == [want, want[2]] for res in results)
+
+
+def _w_gather_structures() -> dict[str, str]:
+    """Every case in one launch: after each refused gather the ranks are still in step (the last
+    case is a valid gather)."""
+    rank = dist.get_rank()
+    x, y = torch.full((1 + rank, 2), float(rank)), torch.full((2, 2), 5.0 + rank)
+    cases = {
+        # the same shapes under other names: without the check, rank 0's "a" met rank 1's "b"
+        "other keys": {"a": x, "c": y} if rank == 0 else {"b": x, "c": y},
+        "one extra key": {"a": x} if rank == 0 else {"a": x, "z": y},  # gloo aborted the process
+        "list of another length": [x, y] if rank == 0 else [x],
+        "tuple vs list": (x, y) if rank == 0 else [x, y],
+        "another trailing shape": {"a": x} if rank == 0 else {"a": torch.zeros(1, 3)},  # its own message
+        "valid afterwards": {"a": x, "c": y},
+    }
+    out = {}
+    for name, data in cases.items():
+        try:
+            got = shared_dist.gather(data)
+            out[name] = repr({k: v.tolist() for k, v in got.items()})
+        except shared_dist.DistributedOperationError as err:
+            out[name] = f"DistributedOperationError: {err}"
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_gather_refuses_structures_that_differ_across_ranks(debug):
+    results = launch(_w_gather_structures, 2, timeout=90, env={"SHARED_DIST_DEBUG": debug})
+    for res in results:
+        for case in ("other keys", "one extra key", "list of another length", "tuple vs list"):
+            assert res[case].startswith("DistributedOperationError: gather: every rank must pass the same"), (
+                case,
+                res[case],
+            )
+            assert "rank 0:" in res[case] and "rank 1:" in res[case], res[case]
+        assert "must agree on every dim but dim 0" in res["another trailing shape"] or debug == "1", res
+        want = {"a": [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], "c": [[5.0] * 2] * 2 + [[6.0] * 2] * 2}
+        assert res["valid afterwards"] == repr(want)
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "nan", ""])
+def test_an_environment_variable_that_does_not_parse_is_named(monkeypatch, value):
+    from shared_dist.operations import _collective_timeout
+
+    monkeypatch.setenv("SHARED_DIST_TIMEOUT", value)
+    with pytest.raises(
+        ValueError,
+        match=rf"environment variable SHARED_DIST_TIMEOUT must be a number of seconds >= 0, got '{value}'",
+    ):
+        _collective_timeout()

@@ -11,7 +11,6 @@ the batch size for a fixed generator.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from scipy.stats import beta, binomtest, norm
 from tqdm.auto import tqdm
+
+from ._checks import MAX_SIGMA, check_sigma  # noqa: F401 (MAX_SIGMA: part of this module's API)
 
 NOISE_CHUNK = 256
 ABSTAIN = -1
@@ -90,13 +91,21 @@ def _check_count(name: str, value) -> int:
 
 
 def _check_common(sigma: float, alpha: float, batch_size: int) -> None:
-    if not (isinstance(sigma, numbers.Real) and 0 < sigma < math.inf):
-        raise ValueError(
-            f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma!r}"
-        )
-    if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
+    # a bool is a Real (True would be σ = 1); past MAX_SIGMA the noise drowns any [0, 1] image and
+    # overflows float16/bfloat16 (1e300 became inf in float32 and reached the model as NaN logits)
+    check_sigma(sigma)
+    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     _check_count("batch_size", batch_size)
+
+
+def check_arguments(
+    *, images: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, batch_size: int
+) -> None:
+    """CERTIFY's arguments, checked as `certify` checks them (for callers that must check first)."""
+    _check_images(images)
+    _check_common(sigma, alpha, batch_size)
+    _check_count("n0", n0), _check_count("n", n)
 
 
 def _check_logits(logits, rows: int, num_classes: int | None) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+DATASETS = ("mnist", "cifar10")
 DATA_LAYOUT = "images/mnist and images/cifar10"  # what the shared data folder holds for this package
 
 
@@ -72,7 +73,7 @@ def load_dataset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     loaders = {"mnist": load_mnist, "cifar10": load_cifar10}
     if name not in loaders:
-        raise ValueError(f"dataset must be one of {sorted(loaders)}, got {name!r}")
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
     return loaders[name](split, data_dir)
 
 
@@ -83,6 +84,8 @@ def to_model_space(images: torch.Tensor) -> torch.Tensor:
 
 def strided_class_subset(labels: torch.Tensor, per_class: int) -> torch.Tensor:
     """Indices of ``per_class`` images per class, evenly strided through each class (sorted)."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be an integer >= 1 (images per class), got {per_class!r}")
     picks = []
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().flatten()

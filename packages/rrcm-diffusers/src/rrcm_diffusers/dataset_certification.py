@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 from shared_dist import broadcast_object, gather_object, get_rank, get_world_size
 
 from ._atomic import claim_folder
-from .certification import CertifyResult, certify
+from ._checks import check_int, positive_float_arg, positive_int_arg, probability_arg
+from .certification import CertifyResult, certify, check_arguments
+from .data import DATASETS
 from .pipeline_dds import DDSPipeline
 from .pipeline_rrcm import RRCMPipeline
 from .report import summary_row, write_report
@@ -83,9 +85,18 @@ def _fingerprint(pipeline: Any, images: torch.Tensor, labels: torch.Tensor) -> d
     return {"weights_sha256": weights.hexdigest(), "images_sha256": data.hexdigest()}
 
 
-def read_records(out: str | Path) -> dict[int, dict[str, Any]]:
+def _run_id(run: dict[str, Any]) -> str:
+    """A short hash of a run's record: every certificate line carries the one it was made under."""
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_records(out: str | Path, run_id: str | None = None) -> dict[int, dict[str, Any]]:
     """The finished images of ``OUT/certificates.jsonl`` by index. A last line cut short by a
-    kill during the append (the file's own, never anything else) is cut off the file."""
+    kill during the append (the file's own, never anything else) is cut off the file.
+
+    Refused, with the file and line named: a damaged line before the last, two lines for one image
+    that disagree, and (with ``run_id``) a line made under another run record — a ``run.json``
+    edited by hand would otherwise relabel the old certificates as the new settings'."""
     path = Path(out) / RECORDS
     if not path.is_file():
         return {}
@@ -94,7 +105,27 @@ def read_records(out: str | Path) -> dict[int, dict[str, Any]]:
     if end < len(data):
         with open(path, "r+b") as f:
             f.truncate(end)
-    return {(r := json.loads(line))["index"]: r for line in data[:end].splitlines()}
+    records: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            index = record["index"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}, line {number}: not a certificate record ({err}); {_FIX}") from None
+        if run_id is not None and record.get("run") != run_id:
+            raise ValueError(
+                f"{path}, line {number}: made under another run record than {path.parent / RUN} "
+                f"(run {record.get('run')!r}, the record's is {run_id!r}: edited by hand?); {_FIX}"
+            )
+        if index in records and records[index] != record:
+            raise ValueError(
+                f"{path}, line {number}: a second, different certificate for image {index}; {_FIX}"
+            )
+        records[index] = record
+    return records
+
+
+_FIX = "the file was changed outside this program: certify into another --out"
 
 
 def _append(out: Path, records: list[dict[str, Any]]) -> None:
@@ -126,10 +157,17 @@ def certify_dataset(
     ``prediction`` (-1: abstain), ``radius``, ``p_lower``, ``count`` and ``seconds``.
     Finished images in ``out`` are kept, never recomputed (see the module docstring).
     """
-    if images.dim() != 4 or labels.shape != (images.shape[0],):
+    # 0. every argument checked before OUT is claimed: a refused value must not leave a record
+    #    that then refuses the corrected command as "another config"
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or labels.shape != (images.shape[0],):
         raise ValueError(
-            f"images must be (N, C, H, W) with labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+            f"images must be (N, C, H, W) with labels (N,), got {tuple(getattr(images, 'shape', ()))} and "
+            f"{tuple(labels.shape)}"
         )
+    check_arguments(images=images, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+    check_int("seed", seed, 0)
+    if images.shape[0]:
+        pipeline._prepare(images[:1])  # the pipeline's own shape check: the wrong dataset is named here
     rank, world, out = get_rank(), get_world_size(), Path(out)
     run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
     run.update(_fingerprint(pipeline, images, labels))
@@ -148,6 +186,7 @@ def certify_dataset(
             record = _certify_one(
                 classifier, x, mine[k], int(labels[mine[k]]), image_generator(seed, mine[k]), settings
             )
+            record["run"] = _run_id(run)
         finished = [r for r in gather_object(record) if r is not None]
         if rank == 0:
             _append(out, finished)
@@ -165,7 +204,7 @@ def _claim(out: Path, run: dict[str, Any], rank: int) -> dict[int, dict[str, Any
         try:
             hint = "use another --out, or the same settings to resume it"
             claim_folder(out / RUN, run, (out / RECORDS).exists(), hint=hint)
-            verdict = (None, read_records(out))
+            verdict = (None, read_records(out, _run_id(run)))
         except ValueError as err:  # never read (or cut) a file not ours
             verdict = (str(err), {})
     error, done = broadcast_object(verdict)
@@ -216,30 +255,82 @@ def main(argv: list[str] | None = None) -> None:
 
     from .data import load_dataset, strided_class_subset
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rrcm-certify",
+        description=__doc__.splitlines()[0],
+    )
     parser.add_argument("--pipeline", required=True, help="a saved RRCMPipeline or DDSPipeline folder")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--per-class", type=int, default=None, help="class-balanced subset of the test split")
-    parser.add_argument("--num-images", type=int, default=None, help="the first K test images")
-    parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--n0", type=int, default=100)
-    parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="results folder (resumed if it holds this run)")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="mnist", help="test split to certify (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the shared data folder (default: $RRCM_DATA_DIR, else ../shared/data)",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=positive_int_arg,
+        default=None,
+        help="class-balanced subset: K test images per class (default: all)",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=positive_int_arg,
+        default=None,
+        help="only the first K test images (default: all)",
+    )
+    parser.add_argument(
+        "--sigma",
+        type=positive_float_arg,
+        default=0.5,
+        help="noise std in [0, 1] pixel space (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--n0",
+        type=positive_int_arg,
+        default=100,
+        help="noise samples to select the class (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--n",
+        type=positive_int_arg,
+        default=100_000,
+        help="noise samples to estimate p_A (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=probability_arg,
+        default=0.001,
+        help="failure probability per image (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int_arg,
+        default=1000,
+        help="noisy copies per forward pass (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="noise seed (image i's noise depends on (seed, i)) (default: %(default)s)",
+    )
     parser.add_argument(
         "--name", default=None, help="the method's name in the report (default: the folder's)"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     state = Accelerator()  # the process group accelerate launch set up (or one process)
     images, labels = load_dataset(args.dataset, "test", args.data_dir)
-    if args.per_class:
+    if args.per_class is not None:
         keep = strided_class_subset(labels, args.per_class)
         images, labels = images[keep], labels[keep]
-    if args.num_images:
+    if args.num_images is not None:
+        if args.num_images > images.shape[0]:
+            parser.error(f"--num-images {args.num_images}: the selection holds only {images.shape[0]} images")
         images, labels = images[: args.num_images], labels[: args.num_images]
     pipeline = load_pipeline(args.pipeline).to(state.device)
     pipeline.set_progress_bar_config(disable=True)  # the bar is per image, on rank 0
@@ -247,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     records = certify_dataset(
         pipeline, images.float() / 255, labels, args.sigma, args.out,
         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.no_progress,
     )  # fmt: skip
     wall = time.perf_counter() - start
     devices = sorted(set(gather_object(_device_name(state.device))))  # every rank takes part

@@ -25,8 +25,9 @@ from accelerate import Accelerator
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
 from ._atomic import claim_folder, write_text_atomic
+from ._checks import check_choice, check_int, check_sigma
 from .augment import check_classifier_augment
-from .data import load_dataset, strided_class_subset
+from .data import DATASETS, load_dataset, strided_class_subset
 from .evaluation import linear_probe_accuracy
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
@@ -171,7 +172,41 @@ class ExperimentConfig:
         augment = merged["finetune"].get("augment", FinetuneConfig.augment)
         check_classifier_augment(augment, f"finetune.augment in {source or 'the overrides'}")
         typed = {name: _SECTION_TYPES[name](**merged[name]) for name in _SECTION_TYPES}
-        return cls(**{**merged, **typed})
+        cfg = cls(**{**merged, **typed})
+        cfg.check_values(source)
+        return cfg
+
+    def check_values(self, source: str | Path | None = None) -> None:
+        """Every value, before any stage claims a folder: a bad value named after a stage had claimed
+        its folder left a record that refused the corrected command as "another config"."""
+        where = f" (in {source or 'the overrides'})"
+        try:
+            check_choice("dataset", self.dataset, DATASETS)
+            check_int("seed", self.seed, 0)
+            if not isinstance(self.sigmas, (list, tuple)) or not self.sigmas:
+                raise ValueError(f"sigmas must be a non-empty list of noise levels, got {self.sigmas!r}")
+            for sigma in self.sigmas:
+                check_sigma(sigma, "sigmas[...]")
+                section_config(FinetuneConfig, self.finetune, sigma=sigma)
+                if self.cohen.enabled:
+                    self.cohen.finetune_config(sigma, self.seed)
+            for name in [None, *self.ablations]:
+                section_config(
+                    PretrainConfig, self.pretrain if name is None else self.ablation_pretrain(name)
+                )
+            if self.dds.enabled:
+                check_int("dds.unet_steps", self.dds.unet_steps, 0)
+                self.dds.classifier_config(self.seed)
+            if self.scratch.steps is not None:
+                check_int("scratch.steps", self.scratch.steps, 1)
+            for name in ("train_images", "test_images"):
+                check_int(f"probe.{name}", getattr(self.probe, name), 1)
+            for name in ("per_class", "n0", "n", "batch_size"):
+                check_int(f"certify.{name}", getattr(self.certify, name), 1)
+            if not 0 < self.certify.alpha < 1 or isinstance(self.certify.alpha, bool):
+                raise ValueError(f"certify.alpha must be in (0, 1), got {self.certify.alpha!r}")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{err}{where}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -326,6 +361,8 @@ def run(
         *load_dataset(cfg.dataset, "test", cfg.data_dir),
         summary={"config": cfg.to_dict(), "timings_s": {}},
     )
+    with torch.device("meta"):  # the model section is checked before any folder is claimed, at no cost
+        RRCMModel(**r.model_kwargs)
     # 1. pretraining along the trajectory
     online = _pretrain_stage(r)
     # 2. linear probes on noisy features: random init vs pretrained

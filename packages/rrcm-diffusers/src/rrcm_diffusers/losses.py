@@ -17,6 +17,7 @@ from torch import nn
 
 import shared_dist
 
+from ._checks import check_sigma
 from .modeling_rrcm import RRCMModel, info_nce
 from .trajectory import (
     CERTIFY_NUM_SCALES,
@@ -165,10 +166,7 @@ class RRCMFinetuningLoss(nn.Module):
         num_scales: int = CERTIFY_NUM_SCALES,
     ) -> None:
         super().__init__()
-        if not 0 < sigma < math.inf:
-            raise ValueError(
-                f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma}"
-            )
+        check_sigma(sigma)
         if num_noise_samples < 1:
             raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}")
         self.sigma, self.m = float(sigma), num_noise_samples

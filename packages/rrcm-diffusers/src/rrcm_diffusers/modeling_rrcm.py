@@ -33,6 +33,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_floating_weights(folder: str | os.PathLike) -> None:
+    """Refuse weight files in ``folder`` that hold a non-floating tensor.
+
+    diffusers casts whatever the file holds to the parameter's dtype: integer tensors load as
+    (mostly zero) floats and the model then predicts one class for every input — a certifier
+    would certify it. Every weight of these models is floating point (BatchNorm's
+    ``num_batches_tracked`` counters aside), so any other dtype is damage.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            bad = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+        # BatchNorm's step counters are the models' only integer tensors
+        bad = {k: d for k, d in bad.items() if d not in _FLOAT_DTYPES and not k.endswith("num_batches_tracked")}
+        if bad:
+            first = dict(list(bad.items())[:3])
+            raise ValueError(
+                f"{path} holds non-floating tensors ({len(bad)}, e.g. {first}); the model's weights are "
+                "floating point (F16/BF16/F32/F64): refusing to load damaged or foreign weights"
+            )
+
+
 @dataclass
 class RRCMModelOutput(BaseOutput):
     """
@@ -173,6 +199,7 @@ class RRCMModel(ModelMixin, ConfigMixin):
                         f"{folder / name} does not match the checksum written when it was saved "
                         "(damaged or replaced weights); refusing to load"
                     )
+        check_floating_weights(folder)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, output_loading_info=True, **kwargs
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,9 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ._checks import check_sigma
 from .certification import with_autocast
-from .modeling_rrcm import RRCMModel
+from .modeling_rrcm import RRCMModel, check_floating_weights
 from .pipeline_rrcm import RRCMPipeline
 from .trajectory import SIGMA_MIN
 
@@ -38,12 +40,16 @@ class DDSPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DDSPipeline:
+        """diffusers' loader, after refusing a UNet weight file with non-floating tensors (the
+        classifier's own loader checks its files)."""
+        check_floating_weights(Path(pretrained_model_name_or_path) / "unet")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def timestep_for_sigma(self, sigma: float) -> int:
         """t* with sqrt((1 − ᾱ_t)/ᾱ_t) closest to 2σ."""
-        if not 0 < sigma < math.inf:
-            raise ValueError(
-                f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma}"
-            )
+        check_sigma(sigma)
         abar = self.scheduler.alphas_cumprod.double()
         return int(torch.argmin(((1 - abar) / abar).sqrt().sub(2 * sigma).abs()))
 

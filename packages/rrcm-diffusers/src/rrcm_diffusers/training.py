@@ -8,6 +8,7 @@ checkpoints (safetensors + JSON, no pickle), resume, progress bars and a JSONL l
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 import shared_dist
 
-from ._atomic import write_text_atomic
+from ._atomic import claim_folder, write_text_atomic
+from ._checks import check_choice, check_int, check_real, check_sigma
 from .augment import check_classifier_augment, classifier_view, light_view, strong_view
 from .data import to_model_space
 from .evaluation import extract_features, linear_probe_accuracy, noisy_accuracy  # noqa: F401  (their old home)
@@ -60,6 +62,26 @@ class PretrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
 
+    def __post_init__(self) -> None:
+        # every field checked here, before any folder, model or step: a bad value names itself
+        # (log_every=0 was a ZeroDivisionError in the loop, a float step count a TypeError in range)
+        for name, minimum in [("steps", 0), ("batch_size", 1), ("warmup_steps", 0), ("icm_s0", 1),
+                              ("icm_s1", 1), ("seed", 0), ("log_every", 1), ("checkpoint_every", 0)]:  # fmt: skip
+            check_int(f"PretrainConfig.{name}", getattr(self, name), minimum)
+        check_real("PretrainConfig.lr", self.lr, 0.0, low_open=True)
+        check_real("PretrainConfig.tau", self.tau, 0.0, low_open=True)
+        check_real("PretrainConfig.grad_clip", self.grad_clip, 0.0, low_open=True)
+        for name in ("weight_decay", "instance_weight", "consistency_weight"):
+            check_real(f"PretrainConfig.{name}", getattr(self, name))
+        for name in ("ema_start", "ema_end"):
+            check_real(f"PretrainConfig.{name}", getattr(self, name), 0.0, 1.0)
+        check_choice("PretrainConfig.ema_schedule", self.ema_schedule, ("sigmoid", "authors"))
+        check_choice("PretrainConfig.augment", self.augment, ("grey", "rgb"))
+        if not isinstance(self.symmetric_instance, bool):
+            raise ValueError(
+                f"PretrainConfig.symmetric_instance must be a bool, got {self.symmetric_instance!r}"
+            )
+
 
 @dataclass
 class FinetuneConfig:
@@ -80,6 +102,20 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        check_sigma(self.sigma, "FinetuneConfig.sigma")
+        for name, minimum in [("probe_steps", 0), ("steps", 0), ("batch_size", 1), ("warmup_steps", 0),
+                              ("num_noise_samples", 1), ("seed", 0), ("log_every", 1), ("checkpoint_every", 0)]:  # fmt: skip
+            check_int(f"FinetuneConfig.{name}", getattr(self, name), minimum)
+        for name in ("lr", "probe_lr", "grad_clip"):
+            check_real(f"FinetuneConfig.{name}", getattr(self, name), 0.0, low_open=True)
+        check_real("FinetuneConfig.weight_decay", self.weight_decay)
+        check_real("FinetuneConfig.entropy_weight", self.entropy_weight)
+        check_real("FinetuneConfig.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        if self.consistency_weight is not None:
+            check_real("FinetuneConfig.consistency_weight", self.consistency_weight)
+        check_classifier_augment(self.augment, "FinetuneConfig.augment")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -247,10 +283,46 @@ def _log(out: Path | None, accelerator: Accelerator, record: dict, prefix: str, 
 # ----------------------------------------------------------------------------- the loop both stages share
 
 
-def _run_dir(output_dir: str | Path | None) -> Path | None:
-    out = Path(output_dir) if output_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+RUN_RECORD = "training_run.json"
+
+
+def _sha256_of(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_dir(
+    output_dir: str | Path | None, stage: str, config, model: RRCMModel, data: tuple, accelerator: Accelerator
+) -> Path | None:
+    """Claim ``output_dir`` for this run BEFORE anything is written to it (as the experiment's stages
+    do): ``training_run.json`` records the stage, its config, the model's config and a hash of the
+    data. A folder that holds another run's record — another architecture, data, seed or learning
+    rate — or checkpoints with no record is refused, never overwritten nor silently resumed."""
+    if not output_dir:
+        return None
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} exists and is not a folder")
+    # how long, and how often to log and save, may change between invocations: a longer run in the
+    # same folder continues the shorter one (its first steps followed the shorter schedule)
+    extendable = ("steps", "log_every", "checkpoint_every")
+    key = {
+        "stage": stage,
+        "config": {k: v for k, v in asdict(config).items() if k not in extendable},
+        "model": {k: v for k, v in model.config.items() if not k.startswith("_")},
+        "data_sha256": _sha256_of(*data),
+    }
+    if stage == "finetune":  # no resume here: the starting weights (the pretraining) are part of the run
+        backbone = [v for k, v in sorted(model.state_dict().items()) if k.startswith("backbone.")]
+        key["backbone_sha256"] = _sha256_of(*backbone)
+    ours = (*_checkpoints(out), out / "log.jsonl", out / "final", out / "probe", out / "finetune")
+    hint = "pass another output_dir (or the same settings to resume that run)"
+    claim_folder(
+        out / RUN_RECORD, key, any(p.exists() for p in ours), write=accelerator.is_main_process, hint=hint
+    )
+    accelerator.wait_for_everyone()  # no rank writes before the claim is on disk
     return out
 
 
@@ -384,12 +456,15 @@ def pretrain(
     resumes from the latest one when ``resume`` is true.
     """
     _check_images(images)
-    if config.steps < 0:
-        raise ValueError(f"config.steps must be >= 0, got {config.steps}")
     if model.projector is None:
         raise ValueError("pretraining needs a projector: build the model with projection_dim > 0")
     accelerator = accelerator or Accelerator()
-    out = _run_dir(output_dir)
+    out = _run_dir(output_dir, "pretrain", config, model, (images,), accelerator)
+    if out is not None and not resume and _checkpoints(out):
+        raise ValueError(
+            f"output_dir {out} holds checkpoints of this run and resume=False would overwrite them; "
+            "pass resume=True to continue it, or another output_dir to start over"
+        )
     # 1. models, optimizer, schedule; their state from the newest complete checkpoint
     target = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -519,9 +594,8 @@ def finetune(
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
     _check_images(images)
     _check_labels(labels, images.shape[0], model.classifier.out_features)
-    check_classifier_augment(config.augment, "FinetuneConfig.augment")  # before any folder or step
     accelerator = accelerator or Accelerator()
-    out = _run_dir(output_dir)
+    out = _run_dir(output_dir, "finetune", config, model, (images, labels), accelerator)
     loss_fn = RRCMFinetuningLoss(
         config.sigma, config.num_noise_samples, config.consistency_weight, config.entropy_weight
     )

@@ -23,6 +23,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import shared_dist
 
+from ._checks import check_sigma
+
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5
@@ -90,8 +92,7 @@ def grid_index_for_sigma(sigma: float, num_scales: int = CERTIFY_NUM_SCALES) -> 
     ``sigma`` is the smoothing noise std in [0, 1] pixel space; the model sees pixels in
     [-1, 1], where that noise has std 2*sigma.
     """
-    if not 0 < sigma < math.inf:
-        raise ValueError(f"sigma must be a finite number > 0 (noise std in [0, 1] pixel space), got {sigma}")
+    check_sigma(sigma)
     sigmas = karras_sigmas(num_scales)
     return int(torch.argmin((sigmas - 2.0 * float(sigma)).abs()).item())
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 import os
 import pickle
 import weakref
@@ -101,8 +102,8 @@ _DTYPES = (
     torch.complex128,
 )
 _MAX_TRAILING = 6
-# [rows, ndim, dtype code, numel of one row, first _MAX_TRAILING trailing dims (-1 pad)]
-_META_LEN = 4 + _MAX_TRAILING
+# [rows, ndim, dtype code, numel of one row, structure checksum, first _MAX_TRAILING trailing dims (-1 pad)]
+_META_LEN = 5 + _MAX_TRAILING
 
 
 # See "Exit" above: free DDP modules and collectives' graphs while the interpreter is alive (torch
@@ -136,10 +137,22 @@ def is_debug_mode() -> bool:
     return any(f.strip().lower() in ("y", "yes", "t", "true", "on", "1") for f in flags)
 
 
+def _env_seconds(name: str, default: str) -> float:
+    """A number of seconds from the environment variable ``name``; an error that names it otherwise."""
+    raw = os.environ.get(name, default)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"the environment variable {name} must be a number of seconds >= 0, got {raw!r}")
+    return seconds
+
+
 def _collective_timeout() -> timedelta | None:
     """How long a tensor collective of this package waits for the other ranks (SHARED_DIST_TIMEOUT,
     seconds; default 600, NCCL's own default; 0: the process group's timeout, 30 min on gloo)."""
-    seconds = float(os.environ.get("SHARED_DIST_TIMEOUT", "600"))
+    seconds = _env_seconds("SHARED_DIST_TIMEOUT", "600")
     return timedelta(seconds=seconds) if seconds > 0 else None
 
 
@@ -164,7 +177,7 @@ def _wait(op: str, work: dist.Work, group: dist.ProcessGroup | None) -> None:
 
 
 def _debug_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("SHARED_DIST_DEBUG_TIMEOUT", "60")))
+    return timedelta(seconds=_env_seconds("SHARED_DIST_DEBUG_TIMEOUT", "60"))
 
 
 # ----------------------------------------------------------------------------- nested data
@@ -244,20 +257,42 @@ def _check_device(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None
         )
 
 
-def _row_meta(tensor: torch.Tensor, op: str) -> list[int]:
-    """[rows, ndim, dtype code, numel of one row, trailing dims padded with -1]: what ranks must agree on."""
+def _row_meta(tensor: torch.Tensor, op: str, structure: int) -> list[int]:
+    """[rows, ndim, dtype code, numel of one row, structure checksum, trailing dims padded with -1]:
+    what ranks must agree on."""
     if tensor.dtype not in _DTYPES:
         raise TypeError(f"{op}: unsupported dtype {tensor.dtype}")
     trailing = list(tensor.shape[1:])
     meta = [tensor.shape[0], tensor.dim(), _DTYPES.index(tensor.dtype), int(torch.Size(trailing).numel())]
-    return meta + (trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]
+    return [*meta, structure, *(trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]]
+
+
+def _structure_checksum(data: Any) -> int:
+    """CRC-32 of the nested structure alone: container types, dict keys (sorted, as ``_map`` visits
+    them), the number and order of tensors. Shapes and dtypes are compared leaf by leaf (``_check_meta``)."""
+
+    def skeleton(d: Any) -> Any:
+        if isinstance(d, torch.Tensor):
+            return "t"
+        if isinstance(d, Mapping):
+            return ("dict", [(repr(k), skeleton(d[k])) for k in sorted(d, key=repr)])
+        return (type(d).__name__, [skeleton(v) for v in d])
+
+    _map(lambda t: t, data)  # type-checks the leaves first
+    return zlib.crc32(repr(skeleton(data)).encode())
+
+
+class _StructureMismatch(DistributedOperationError):
+    """Raised on every rank at once when the structure checksums in a gather's metadata differ."""
 
 
 def _check_meta(table: list[list[int]], op: str) -> None:
+    if any(row[4] != table[0][4] for row in table):
+        raise _StructureMismatch(op)
     if any(row[1:] != table[0][1:] for row in table):
         lines = "\n".join(
             f"  rank {r}: rows={row[0]}, ndim={row[1]}, dtype={_DTYPES[row[2]]}, "
-            f"trailing dims={[d for d in row[4:] if d >= 0]}"
+            f"trailing dims={[d for d in row[5:] if d >= 0]}"
             for r, row in enumerate(table)
         )
         raise DistributedOperationError(
@@ -297,7 +332,7 @@ def _fit(data: torch.Tensor, bound: int) -> torch.Tensor:
 
 
 def _all_gather_rows(
-    x: torch.Tensor, group: dist.ProcessGroup | None, op: str, slot: int
+    x: torch.Tensor, group: dist.ProcessGroup | None, op: str, slot: int, structure: int = 0
 ) -> tuple[torch.Tensor, list[int]]:
     """Every rank's rows of ``x`` in rank order, and each rank's row count (not differentiable).
 
@@ -308,7 +343,7 @@ def _all_gather_rows(
     bound = bounds.get((op, slot), 0)
     flat = x.contiguous().view(-1)
     data = flat.view(torch.uint8) if flat.numel() else x.new_empty(0, dtype=torch.uint8)  # (bytes,), no copy
-    meta = torch.tensor(_row_meta(x, op), dtype=torch.int64, device=x.device)
+    meta = torch.tensor(_row_meta(x, op, structure), dtype=torch.int64, device=x.device)
     metas = torch.empty(world * _META_LEN, dtype=torch.int64, device=x.device)  # (W * _META_LEN,)
     out = torch.empty(world * bound, dtype=torch.uint8, device=x.device)  # (W * bound,)
     if bound:
@@ -341,9 +376,9 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, tensor: torch.Tensor, group: Any, op: str, slot: int
+        ctx, tensor: torch.Tensor, group: Any, op: str, slot: int, structure: int
     ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        out, sizes = _all_gather_rows(tensor, group, op, slot)
+        out, sizes = _all_gather_rows(tensor, group, op, slot, structure)
         ctx.sizes, ctx.group, ctx.rank, ctx.op = sizes, group, dist.get_rank(group), op
         sizes_t = torch.tensor(sizes)
         ctx.mark_non_differentiable(sizes_t)
@@ -354,7 +389,7 @@ class _Gather(torch.autograd.Function):
         sizes, world, rows, mine = ctx.sizes, len(ctx.sizes), max(ctx.sizes), ctx.sizes[ctx.rank]
         rest = grad.shape[1:]
         if rows == 0:
-            return grad.new_empty((0, *rest)), None, None, None
+            return grad.new_empty((0, *rest)), None, None, None, None
         if dist.get_backend(ctx.group) == dist.Backend.GLOO and grad.device.type == "cpu":
             # gloo's reduce-scatter takes 1.3-2.5x the time of an all-to-all plus a local sum
             # (benchmarks/bench_gather.py), and the all-to-all takes uneven sizes without padding
@@ -363,7 +398,7 @@ class _Gather(torch.autograd.Function):
                 parts, grad.contiguous(), [mine] * world, sizes, group=ctx.group, async_op=True
             )
             _wait(f"{ctx.op} (backward)", work, ctx.group)
-            return parts.view(world, mine, *rest).sum(0), None, None, None  # (n, ...)
+            return parts.view(world, mine, *rest).sum(0), None, None, None, None  # (n, ...)
         # NCCL: a native reduce-scatter, on rows padded to the largest rank's
         if all(s == rows for s in sizes):
             padded = grad.contiguous()
@@ -375,16 +410,16 @@ class _Gather(torch.autograd.Function):
         summed = grad.new_empty((rows, *rest))  # (max_n, ...): sum over ranks of my rows
         work = _reduce_scatter_single(summed, padded, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
         _wait(f"{ctx.op} (backward)", work, ctx.group)
-        return summed[:mine], None, None, None
+        return summed[:mine], None, None, None, None
 
 
 def _gather_tensor(
-    tensor: torch.Tensor, group: Any, op: str = "gather", slot: int = 0
+    tensor: torch.Tensor, group: Any, op: str = "gather", slot: int = 0, structure: int = 0
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     if tensor.dim() == 0:
         tensor = tensor.unsqueeze(0)  # a scalar per rank gathers to a (W,) vector
     _check_device(tensor, group)
-    gathered, sizes = _Gather.apply(tensor, group, op, slot)
+    gathered, sizes = _Gather.apply(tensor, group, op, slot, structure)
     return gathered, (0, *sizes.cumsum(0).tolist())
 
 
@@ -417,8 +452,18 @@ def gather(data: Any, *, return_offsets: bool = False, group: dist.ProcessGroup 
         return data, _map(lambda t: (0, t.shape[0] if t.dim() else 1), data)
     if is_debug_mode():
         _debug_check("gather", data, group, same_shape=False)
-    leaf = count()  # the bound of each leaf is remembered apart (see _BOUNDS)
-    pairs = _map(lambda t: _gather_tensor(t, group, slot=next(leaf)), data)
+    # every leaf's metadata carries the structure's checksum: ranks whose structures differ all
+    # fail at the FIRST leaf, before a second collective could pair other tensors (or hang)
+    structure, leaf = _structure_checksum(data), count()  # each leaf's bound is remembered apart
+    try:
+        pairs = _map(lambda t: _gather_tensor(t, group, slot=next(leaf), structure=structure), data)
+    except _StructureMismatch:
+        descs = _gather_objects("gather", _describe(data), group)  # every rank is here: it can meet
+        lines = "\n".join(f"  rank {r}: {d}" for r, d in enumerate(descs))
+        raise DistributedOperationError(
+            "gather: every rank must pass the same structure (dict keys, number and order of tensors, "
+            f"trailing shapes, dtypes); got\n{lines}"
+        ) from None
     gathered = _map_pairs(pairs, 0)
     return (gathered, _map_pairs(pairs, 1)) if return_offsets else gathered
 
