@@ -547,7 +547,7 @@ def test_the_same_run_resumes_and_a_longer_one_continues_it(tmp_path):
 
 def test_output_dir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("mine")
-    with pytest.raises(ValueError, match="output_dir .* exists and is not a folder"):
+    with pytest.raises(ValueError, match=r"output_dir .* exists and is not a folder"):
         pretrain(tiny_model(), X16, _pre(), Accelerator(cpu=True), tmp_path / "f", progress=False)
     assert (tmp_path / "f").read_text() == "mine"
 

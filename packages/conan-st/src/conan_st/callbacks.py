@@ -87,6 +87,15 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             raise ValueError(f"{len(queries)} queries for a store of {len(store)} examples")
         if positives is not None and len(positives) != len(queries):
             raise ValueError(f"{len(positives)} positives for {len(queries)} queries")
+        if len(store) and int(store.candidates.max()) >= len(corpus):
+            raise ValueError(
+                f"the store's candidates name document {int(store.candidates.max())}, but the corpus "
+                f"holds {len(corpus)} documents: pass the corpus the candidates were mined from"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"batch_size must be an int >= 1 (texts per re-scoring batch), got {batch_size!r}"
+            )
         self.store, self.queries, self.corpus, self.positives = store, list(queries), corpus, positives
         self.interval, self.ratio, self.abs_bound = interval, ratio, abs_bound
         self.score_source, self.rescore_sample, self.batch_size = score_source, rescore_sample, batch_size

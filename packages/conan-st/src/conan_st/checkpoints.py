@@ -62,7 +62,10 @@ def _rng_problem(folder: Path) -> str | None:
     (``WORLD_SIZE``), when the folder was written by several processes."""
     if not (folder / "rng_state_0.pth").is_file():
         return None  # one process (rng_state.pth), or no RNG state saved at all (save_only_model)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"the environment variable WORLD_SIZE must be a positive integer, got {raw!r}")
+    world = int(raw)
     for rank in range(world):
         path = folder / f"rng_state_{rank}.pth"
         if not path.is_file():

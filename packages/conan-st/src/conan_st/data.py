@@ -28,6 +28,24 @@ def default_data_dir() -> Path:
     return path
 
 
+def same_text(text: str) -> str:
+    """The one rule for "the same text" (miner, corpus and sampler all use it): texts that differ only
+    in letter case or white space are the same answer. A query's twin in the same batch would make
+    its positive an in-batch negative; a document equal to a positive must never be served as one."""
+    return " ".join(text.split()).casefold()
+
+
+def check_texts(dataset: Dataset, columns: list[str] | tuple[str, ...], name: str) -> None:
+    """Every value of ``columns`` is a string: a None (a missing cell) or a number would reach the
+    tokenizer as a raw TypeError, or be embedded as the text "None"."""
+    for column in columns:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{name} dataset, column {column!r}, row {row}: expected a text (str), got {value!r}"
+                )
+
+
 def negative_columns(columns: list[str]) -> list[str]:
     return [c for c in columns if c == "negative" or c.startswith("negative_")]
 
@@ -56,11 +74,19 @@ def check_sts(dataset: Dataset, score_range: tuple[float, float] | None = (0.0, 
         raise ValueError(
             f"sts dataset must have columns sentence1, sentence2, score; missing {missing}, unexpected {extra}"
         )
-    if score_range is not None:
-        scores = dataset["score"]
-        bad = [s for s in scores if s is None or math.isnan(s) or not score_range[0] <= s <= score_range[1]]
-        if bad:
-            raise ValueError(f"sts scores must lie in {score_range}; {len(bad)} do not, e.g. {bad[:3]}")
+    check_texts(dataset, ("sentence1", "sentence2"), "sts")
+    for row, score in enumerate(dataset["score"]):
+        # NaN marks a RETRIEVAL row in the balanced schema: an STS pair without a score is the
+        # user's data, named here, not a problem of make_balanced_datasets
+        number = isinstance(score, (int, float)) and not isinstance(score, bool)
+        if not number or not math.isfinite(score):
+            raise ValueError(
+                f"sts dataset, column 'score', row {row}: expected a finite number, got {score!r}"
+            )
+        if score_range is not None and not score_range[0] <= score <= score_range[1]:
+            raise ValueError(
+                f"sts dataset, column 'score', row {row}: {score!r} is outside sts_score_range {score_range}"
+            )
 
 
 def make_balanced_datasets(
@@ -86,6 +112,7 @@ def make_balanced_datasets(
         ret_out = retrieval
     else:
         negs = check_retrieval_columns(retrieval)
+        check_texts(retrieval, ["anchor", "positive", *negs], "retrieval")
         r = retrieval.to_dict()
         ret_cols = {"anchor": r["anchor"], "positive": r["positive"], **{c: r[c] for c in negs}}
         ret_out = Dataset.from_dict(

@@ -48,6 +48,7 @@ from datasets import Dataset
 from safetensors.torch import load, load_file, save, save_file
 from tqdm.auto import tqdm
 
+from .data import check_texts, same_text
 from .hooks import get_negative_filter, get_search_backend
 
 # the id-label protocol lives in labels.py (the loss and the sampler read it without the miner);
@@ -75,10 +76,6 @@ def embed_texts(model, texts: list[str], batch_size: int = 64, progress: bool = 
         )
         out[start : start + emb.shape[0]] = emb.float().cpu()
     return out
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def mine_candidates(
@@ -110,7 +107,7 @@ def mine_candidates(
     # answer: never serve it as a negative
     text_to_ids: dict[str, list[int]] = {}
     for j, t in enumerate(corpus):
-        text_to_ids.setdefault(_normalise(t), []).append(j)
+        text_to_ids.setdefault(same_text(t), []).append(j)
     q_emb = embed_texts(model, queries, batch_size, progress)
     c_emb = embed_texts(model, corpus, batch_size, progress)
     extra = max(len(p) for p in positives) + 1 + max(len(v) for v in text_to_ids.values())
@@ -122,7 +119,7 @@ def mine_candidates(
     for i, (q, pos) in enumerate(zip(queries, positives)):
         banned = set(pos)
         for t in [q, *(corpus[p] for p in pos)]:
-            banned.update(text_to_ids.get(_normalise(t), []))
+            banned.update(text_to_ids.get(same_text(t), []))
         mask = torch.tensor([int(j) not in banned for j in ids[i]])
         if keep_filter is not None:
             pos_score = (q_emb[i] @ c_emb[pos].T).max()
@@ -164,7 +161,18 @@ class NegativeStore:
             raise ValueError(f"need num_negatives >= 1 and skip >= 0, got {num_negatives} and {skip}")
         if end_policy not in ("stay", "wrap"):
             raise ValueError(f"end_policy must be 'stay' or 'wrap', got {end_policy!r}")
+        if candidates.is_floating_point() or candidates.dtype == torch.bool:
+            raise ValueError(f"candidates must hold integer corpus ids, got dtype {candidates.dtype}")
         valid = (candidates >= 0).sum(1)
+        # -1 pads the END of a short row; a -1 (or any negative) before an id would index the
+        # corpus from its end (-1: the last text) when the window reaches it
+        padded_early = (candidates < 0) & (torch.arange(candidates.shape[1]) >= valid[:, None]).logical_not()
+        if bool((candidates < -1).any()) or bool(padded_early.any()):
+            row = int(((candidates < -1) | padded_early).any(1).nonzero()[0])
+            raise ValueError(
+                f"candidates of example {row} must be corpus ids >= 0, padded with -1 at the end only; "
+                f"got {candidates[row].tolist()[:20]}"
+            )
         ordered = candidates.sort(dim=1).values
         repeats = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(1)
         if bool(repeats.any()):
@@ -447,12 +455,18 @@ def corpus_from_pairs(
     pairs: Dataset, extra_documents: list[str] | None = None
 ) -> tuple[list[str], list[list[int]]]:
     """A deduplicated corpus (positives + extra documents) and each row's positive ids."""
+    check_texts(pairs, ["anchor", "positive"], "pairs")
+    if extra_documents is not None and not all(isinstance(t, str) for t in extra_documents):
+        bad = next(i for i, t in enumerate(extra_documents) if not isinstance(t, str))
+        raise ValueError(f"extra_documents[{bad}]: expected a text (str), got {extra_documents[bad]!r}")
     texts: dict[str, int] = {}
     for t in list(pairs["positive"]) + list(extra_documents or []):
         texts.setdefault(t, len(texts))
     corpus = list(texts)
+    # queries that are the same text (case, spacing) share their positives: each one's positive is
+    # the other's too, never its negative
     by_query: dict[str, list[int]] = {}
     for a, p in zip(pairs["anchor"], pairs["positive"]):
-        by_query.setdefault(a, []).append(texts[p])
-    positives = [sorted(set(by_query[a])) for a in pairs["anchor"]]
+        by_query.setdefault(same_text(a), []).append(texts[p])
+    positives = [sorted(set(by_query[same_text(a)])) for a in pairs["anchor"]]
     return corpus, positives

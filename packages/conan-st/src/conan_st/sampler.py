@@ -11,7 +11,7 @@ import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler, NoDuplicatesBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset
 
-from .data import negative_columns
+from .data import negative_columns, same_text
 from .labels import ID_LABEL_BASE
 from .layout import TaskLayout
 
@@ -188,7 +188,8 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
 class _RowKeys:
     """Per retrieval row: the ids of its protected texts (anchor, positive) and of all its texts.
 
-    Texts are interned to ints, so comparisons are exact and the same in every process. Rows
+    Texts are interned to ints by ``data.same_text`` (case and spacing variants are one text, as for
+    the miner), so comparisons are the same in every process. Rows
     are read through the dataset, so live-negative datasets give the negatives they serve.
     """
 
@@ -200,7 +201,10 @@ class _RowKeys:
     def __call__(self, i: int) -> tuple[frozenset[int], frozenset[int]]:
         if i not in self.cache:
             row = self.dataset[i]
-            ids = lambda cols: frozenset(self.intern.setdefault(row[c], len(self.intern)) for c in cols)  # noqa: E731
+
+            def ids(cols: list[str]) -> frozenset[int]:
+                return frozenset(self.intern.setdefault(same_text(row[c]), len(self.intern)) for c in cols)
+
             everything = ids(["anchor", "positive", *negative_columns(list(row))])
             self.cache[i] = (everything if self.strict else ids(["anchor", "positive"]), everything)
         return self.cache[i]

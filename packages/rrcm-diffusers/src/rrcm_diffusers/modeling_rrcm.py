@@ -50,7 +50,9 @@ def check_floating_weights(folder: str | os.PathLike) -> None:
         with safe_open(str(path), framework="pt") as f:
             bad = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
         # BatchNorm's step counters are the models' only integer tensors
-        bad = {k: d for k, d in bad.items() if d not in _FLOAT_DTYPES and not k.endswith("num_batches_tracked")}
+        bad = {
+            k: d for k, d in bad.items() if d not in _FLOAT_DTYPES and not k.endswith("num_batches_tracked")
+        }
         if bad:
             first = dict(list(bad.items())[:3])
             raise ValueError(
