@@ -8,9 +8,27 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
-# Torch first, from the pinned CPU build: a bare `torch` would resolve a multi-GB CUDA wheel.
-.venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+# Torch first, the CPU build. Where pip serves only the public index, `torch==2.13.0` resolves to a
+# CUDA build with ~20 nvidia-* packages (several GB): ask pip what it WOULD install, and on a machine
+# without a GPU take PyTorch's documented CPU wheel index instead (a quick fallback to the default
+# when that index cannot be reached). Then say what was installed.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    report=$(mktemp)
+    .venv/bin/python -m pip install -q -c constraints.txt --dry-run --ignore-installed --report "$report" "torch==2.13.0"
+    if grep -q '"name": "nvidia-' "$report" && ! command -v nvidia-smi >/dev/null; then
+        echo "setup: the default index offers a CUDA build of torch and this machine has no GPU;" \
+             "installing the CPU build from PyTorch's CPU index" >&2
+        .venv/bin/python -m pip install -q --timeout 20 --retries 1 \
+            --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==2.13.0" \
+            || { echo "setup: the CPU index could not be reached; installing the default build" >&2
+                 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"; }
+    else
+        .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+    fi
+    rm -f "$report"
+fi
+.venv/bin/python -c "import torch; print(f'setup: torch {torch.__version__}', 'CPU build' if torch.version.cuda is None else f'CUDA {torch.version.cuda} build')"
 # The packages name shared-dist by version (as on an index); installing the checkout's
 # shared-dist in the same command satisfies that requirement with the editable copy.
 .venv/bin/python -m pip install -q -c constraints.txt \
-    -e packages/shared-dist -e packages/rrcm-diffusers -e packages/conan-st --group dev
+    -e packages/shared-dist -e "packages/rrcm-diffusers[plot]" -e "packages/conan-st[mteb,faiss]" --group dev

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.readme_snippets import hub_cache, run_script, write_script
+from tests.readme_snippets import DATA, hub_cache, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["shared-dist", "rrcm-diffusers", "conan-st"]
@@ -40,6 +40,11 @@ def test_wheels_install_and_run_outside_the_source_tree(tmp_path):
     _run([*pip, "--no-index", "--find-links", str(dist), "--no-deps", *PACKAGES], timeout=300)
     _run([*pip, *constraints, *PACKAGES], timeout=900)
     _run([str(venv / "bin/python"), "-m", "pip", "check"], timeout=120)
+    installed = _run([str(venv / "bin/python"), "-m", "pip", "freeze"], timeout=120).lower()
+    assert "nvidia-" not in installed, installed  # what the README promises: no CUDA stack on a CPU machine
+    probe_torch = "import torch; print(torch.version.cuda)"
+    assert _run([str(venv / "bin/python"), "-c", probe_torch], timeout=300).strip() == "None"
+    assert "matplotlib" not in installed and "mteb" not in installed  # extras stay extras
 
     where = tmp_path / "user"  # no source tree on sys.path: cwd elsewhere, PYTHONPATH empty
     where.mkdir()
@@ -63,6 +68,27 @@ def test_wheels_install_and_run_outside_the_source_tree(tmp_path):
     python = str(venv / "bin/python")
     (res,) = run_script(write_script("rrcm", where / "rrcm_block.py"), where, python)
     assert res["steps"] == res["total_steps"] and res["reloaded_radii"] == res["radii"]
+    # the CLIs from wheels without extras: no matplotlib ([plot]) and no mteb ([mteb]) in this venv
+    bin_dir, env = venv / "bin", {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    for script in ("rrcm-certify", "rrcm-experiment", "conan-experiment"):
+        assert f"usage: {script}" in _run([str(bin_dir / script), "--help"], cwd=where, timeout=300, env=env)
+    proc = subprocess.run(
+        [str(bin_dir / "conan-evaluate"), "--help"], cwd=where, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0 and "pip install 'conan-st[mteb]'" in proc.stderr, proc.stderr[-2000:]
+    certify = [str(bin_dir / "rrcm-certify"), "--pipeline", str(where / "my-rrcm"), "--out", str(where / "cert"),
+               "--data-dir", str(DATA), "--num-images", "3", "--n0", "10", "--n", "50", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(certify, cwd=where, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pip install 'rrcm-diffusers[plot]'" in proc.stderr  # one notice, and the tables are there
+    assert (where / "cert/report/report.md").is_file() and not (
+        where / "cert/report/certified_accuracy.png"
+    ).exists()
+    proc = subprocess.run(
+        [python, "-c", "import conan_st.evaluation"], cwd=where, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0 and "pip install 'conan-st[mteb]'" in proc.stderr, proc.stderr[-2000:]
+
     results = run_script(
         write_script("conan", where / "conan_block.py"),
         where,

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from datasets import Dataset
 
 from conan_st import CrossGPUBalancingLoss
 from shared_dist import DistributedOperationError
@@ -175,3 +176,30 @@ def test_mismatched_negative_counts_across_ranks_raise():
     for msg in results:
         assert isinstance(msg, str) and msg.startswith("DistributedOperationError"), msg
         assert "rank 0: 6" in msg and "rank 1: 9" in msg, msg
+
+
+@pytest.mark.parametrize("scores, warns", [([3.0], True), ([2.0, 2.0], True), ([1.0, 4.0], False)])
+def test_an_sts_batch_without_signal_is_said_once(minilm, scores, warns):
+    """CoSENT of one pair (fit()'s DataLoader(examples): batch size 1) or of equal scores is 0: the
+    STS half would never train, silently."""
+    import warnings
+
+    from conan_st import make_balanced_datasets
+    from tests.conan.helpers import collate, retrieval_ds
+
+    sts = Dataset.from_dict(
+        {
+            "sentence1": [f"a cat sits {i}" for i in range(len(scores))],
+            "sentence2": ["a cat"] * len(scores),
+            "score": scores,
+        }
+    )
+    rows = make_balanced_datasets(retrieval_ds(2, 1), sts)["sts"]
+    feats, labels = collate(minilm, [rows[i] for i in range(len(rows))])
+    loss = CrossGPUBalancingLoss(minilm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss(feats, labels)
+        loss(feats, labels)
+    said = [w for w in caught if "CoSENT compares pairs within a batch" in str(w.message)]
+    assert len(said) == (1 if warns else 0), [str(w.message) for w in caught]

@@ -110,3 +110,16 @@ def test_seed_summary_is_mean_sd_and_a_t_interval_over_seeds():
     assert "| rRCM | 0.5 | 50.0 ± 10.0 |" in md and "+5.0 / +15.0 / -2.5" in md
     with pytest.raises(ValueError, match="every run must hold each"):
         seed_summary([runs[0], runs[1][:1]])
+
+
+def test_a_report_without_matplotlib_keeps_its_tables(tmp_path, monkeypatch):
+    """[plot] is optional: without matplotlib the tables are written and one notice names the extra."""
+    import sys
+
+    from rrcm_diffusers.report import write_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.warns(UserWarning, match=r"pip install 'rrcm-diffusers\[plot\]'"):
+        paths = write_report([_row("m", [True, False], [0.3, 0.0])], tmp_path, "t")
+    assert set(paths) == {"md", "csv", "json"} and all(p.is_file() for p in paths.values())
+    assert not (tmp_path / "certified_accuracy.png").exists()

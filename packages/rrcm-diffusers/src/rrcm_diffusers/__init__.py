@@ -9,7 +9,6 @@ noisy inputs (:class:`RRCMFinetuningLoss`), and certified with randomized smooth
 from __future__ import annotations
 
 from .certification import CertifyResult, PredictResult, certify, predict
-from .dataset_certification import certify_dataset
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
 from .modeling_rrcm import GatheredBatchNorm1d, RRCMModel, RRCMModelOutput, info_nce
 from .pipeline_rrcm import CITATION, RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput, write_model_card
@@ -26,6 +25,16 @@ from .trajectory import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # imported on first use: `python -m rrcm_diffusers.dataset_certification` would otherwise find the
+    # module already imported by this package and warn (RuntimeWarning from runpy) on every run
+    if name == "certify_dataset":
+        from .dataset_certification import certify_dataset
+
+        return certify_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -67,6 +67,7 @@ def load_pipeline(path: str | Path) -> RRCMPipeline | DDSPipeline:
     if not index.is_file():
         raise ValueError(f"pipeline must be a saved RRCMPipeline/DDSPipeline folder, no {index}")
     name = json.loads(index.read_text()).get("_class_name")
+    name = name[-1] if isinstance(name, list) and name else name  # [custom-pipeline file, class]
     if name not in PIPELINES:
         raise ValueError(f"pipeline must be one of {sorted(PIPELINES)}, {index} names {name!r}")
     return PIPELINES[name].from_pretrained(str(path))

@@ -716,13 +716,16 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file overriding the defaults")
+    parser = argparse.ArgumentParser(prog="rrcm-experiment", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", default=None, help="YAML file overriding the defaults (examples/rrcm/configs/*.yaml; "
+        "default: the built-in MNIST settings)",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder (stages already there are reused)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="run once per training seed into OUT/seed{S}; "
-        "writes OUT/seeds.md (mean ± sd, paired differences over seeds)",
+        "writes OUT/seeds.md (mean ± sd, paired differences over seeds) (default: the config's seed only)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     accelerator = Accelerator()

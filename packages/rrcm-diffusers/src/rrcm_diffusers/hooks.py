@@ -48,7 +48,7 @@ def build_plugin_manager() -> pluggy.PluginManager:
     switch = "RRCM_DISABLE_PLUGIN_AUTOLOAD"
     value = os.environ.get(switch) or "0"
     try:
-        disabled = str_to_bool(value, to_bool=True)  # accelerate's truth values
+        disabled = bool(str_to_bool(value))  # accelerate's truth values (to_bool= is newer than 1.0)
     except ValueError:
         raise ValueError(f"{switch} must be 1/0, true/false, yes/no or on/off, got {value!r}") from None
     if not disabled:

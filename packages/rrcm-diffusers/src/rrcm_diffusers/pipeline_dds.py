@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ._checks import check_sigma
 from .certification import with_autocast
 from .modeling_rrcm import RRCMModel, check_floating_weights
-from .pipeline_rrcm import RRCMPipeline
+from .pipeline_rrcm import RRCMPipeline, make_loadable_by_diffusers, own_stub_kwargs
 from .trajectory import SIGMA_MIN
 
 
@@ -40,11 +40,17 @@ class DDSPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            make_loadable_by_diffusers(save_directory, type(self).__name__)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DDSPipeline:
         """diffusers' loader, after refusing a UNet weight file with non-floating tensors (the
         classifier's own loader checks its files)."""
         check_floating_weights(Path(pretrained_model_name_or_path) / "unet")
+        kwargs = own_stub_kwargs(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def timestep_for_sigma(self, sigma: float) -> int:

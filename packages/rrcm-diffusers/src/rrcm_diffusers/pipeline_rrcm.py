@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from diffusers import CMStochasticIterativeScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from huggingface_hub import ModelCard
 
+from ._atomic import write_text_atomic
 from .certification import certify, predict, with_autocast
 from .modeling_rrcm import RRCMModel
 from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, noise_level_for_sigma
@@ -94,6 +97,17 @@ class RRCMPipeline(DiffusionPipeline):
                 f"rrcm_diffusers.grid_scheduler({expected.config.num_train_timesteps})"
             )
         self.register_modules(model=model, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            make_loadable_by_diffusers(save_directory, type(self).__name__)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        return super().from_pretrained(
+            pretrained_model_name_or_path, **own_stub_kwargs(pretrained_model_name_or_path, kwargs)
+        )
 
     def base_classifier(self, sigma: float, autocast_dtype: torch.dtype | None = None):
         """The base classifier f(x) for noisy images x in [0, 1] pixel space → logits (B, K);
@@ -221,6 +235,54 @@ class RRCMPipeline(DiffusionPipeline):
         return bool(getattr(self, "_progress_bar_config", {}).get("disable", False))
 
 
+# ----------------------------------------------------------------------------- loading by diffusers
+# diffusers' own `DiffusionPipeline.from_pretrained(folder)` finds a pipeline class in the diffusers
+# module, or in a custom-pipeline file named by `_class_name: [file, class]` in model_index.json (the
+# way community pipelines ship). Each saved folder gets that one-line file, which imports the class
+# from the installed package (no code is copied), so the generic loader opens it with
+# `trust_remote_code=True`, as diffusers asks of any custom pipeline.
+
+HUB_MODULE = "pipeline_rrcm_diffusers"
+
+
+_MODULES = {"RRCMPipeline": "rrcm_diffusers.pipeline_rrcm", "DDSPipeline": "rrcm_diffusers.pipeline_dds"}
+
+
+def _stub(class_name: str) -> str:
+    return f"from {_MODULES[class_name]} import {class_name}  # noqa: F401  (the class diffusers loads)\n"
+
+
+def make_loadable_by_diffusers(folder: str | Path, class_name: str) -> None:
+    """Write the custom-pipeline file and point ``_class_name`` at it (see the comment above)."""
+    if class_name not in _MODULES:  # a subclass of the user's: its own module is theirs to ship
+        return
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    config = json.loads(index.read_text())
+    write_text_atomic(folder / f"{HUB_MODULE}.py", _stub(class_name))
+    config["_class_name"] = [HUB_MODULE, class_name]
+    write_text_atomic(index, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def own_stub_kwargs(folder: str | Path, kwargs: dict) -> dict:
+    """``kwargs`` for loading one of our folders with the class itself: a folder whose custom-pipeline
+    file is exactly our stub needs no ``trust_remote_code`` (diffusers would ask for it: the file names
+    our class). Any other file is left to diffusers' own check."""
+    from diffusers.utils import dynamic_modules_utils
+
+    stub, index = Path(folder) / f"{HUB_MODULE}.py", Path(folder) / "model_index.json"
+    if not (stub.is_file() and index.is_file()):
+        return kwargs
+    name = json.loads(index.read_text()).get("_class_name")
+    asks = (
+        "trust_remote_code"
+        in inspect.signature(dynamic_modules_utils.get_class_from_dynamic_module).parameters
+    )
+    if isinstance(name, list) and name[-1] in _MODULES and stub.read_text() == _stub(name[-1]) and asks:
+        return {"trust_remote_code": True, **kwargs}
+    return kwargs
+
+
 def write_model_card(
     folder: str | Path,
     *,
@@ -264,6 +326,8 @@ trajectories and fine-tuned with a linear head, certified with randomized smooth
 from rrcm_diffusers import RRCMPipeline
 
 pipe = RRCMPipeline.from_pretrained("path/to/this/folder")
+# or, with diffusers' generic loader (the folder names its class in a one-line file):
+# pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
 out = pipe.certify(images, sigma={sigma}, n0=100, n=100_000, alpha=0.001)
 ```
 

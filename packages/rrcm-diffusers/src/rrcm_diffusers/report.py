@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,10 @@ def paired_tests(
 
 def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes: str = "") -> dict[str, Path]:
     """Write report.md, results.csv, results.json and certified_accuracy.png into ``out``, each whole
-    or not at all (a killed run leaves the previous report, never a cut one)."""
-    import matplotlib
+    or not at all (a killed run leaves the previous report, never a cut one).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    The plot needs matplotlib (the ``[plot]`` extra): without it the tables are written and one
+    notice says how to get the plot; the returned dict then has no ``"png"``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -183,6 +182,17 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
     writer.writerows(rows)
     write_text_atomic(paths["csv"], table.getvalue())
     write_text_atomic(paths["md"], markdown_table(rows, title, notes) + uncertainty_tables(rows))
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(
+            f"{paths['png'].name} not drawn: the plot needs matplotlib (pip install 'rrcm-diffusers[plot]'); "
+            "the tables are written",
+            stacklevel=2,
+        )
+        return {k: v for k, v in paths.items() if k != "png"}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
         1,

