@@ -41,9 +41,9 @@ def claim_folder(
         have = json.loads(record.read_text())
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            details = "; ".join(_differences(have, want))
             raise ValueError(
-                f"{record.parent} holds results made with another config (differs in {diff}: "
-                f"{ {k: have.get(k) for k in diff} } there, { {k: want.get(k) for k in diff} } now); {hint}"
+                f"{record.parent} holds results made with another config (differs in {diff}: {details}); {hint}"
             )
     elif has_results:
         raise ValueError(
@@ -53,3 +53,16 @@ def claim_folder(
     elif write:
         record.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(record, json.dumps(want, indent=2, sort_keys=True))
+
+
+def _differences(have: Any, want: Any, path: str = "") -> list[str]:
+    """``key: A there, B now`` for each differing leaf (nested dicts are walked), so a long config
+    names the one setting that changed instead of printing both configs whole."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return [
+            line
+            for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)
+            for line in _differences(have.get(k), want.get(k), f"{path}.{k}" if path else k)
+        ]
+    return [f"{path}: {have!r} there, {want!r} now"]
