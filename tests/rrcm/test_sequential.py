@@ -1,0 +1,116 @@
+"""Sequential CERTIFY (`certify_sequential`): the guarantee holds whenever a run stops, measured on
+counts with p_A known exactly (10^5 simulated images per case, at and around every threshold of the
+radius grid); the certifier draws its samples through the same code as `certify`; fixed-n CERTIFY is
+untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import beta, norm
+
+from rrcm_diffusers.certification import (
+    certify,
+    certify_sequential,
+    look_points,
+    lower_confidence_bound,
+    radius_thresholds,
+    sequential_bounds,
+)
+
+SIGMA = 0.5
+THRESHOLDS = radius_thresholds([i * SIGMA / 4 for i in range(9)], SIGMA)  # r = 0, σ/4, ..., 2σ
+
+
+def _simulate(p: float, alpha: float, n_max: int, runs: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return sequential_bounds(
+        lambda k, active: rng.binomial(k, p, size=active.size), n_max, alpha, THRESHOLDS, runs=runs
+    )
+
+
+def _cases() -> list[float]:
+    """p_A on every threshold, just below and just above it, and at the extremes."""
+    ps = [0.3, 0.999, 1.0]
+    for t in THRESHOLDS:
+        ps += [t, max(t - 0.003, 0.0), min(t + 0.003, 1.0)]
+    return sorted(set(ps))
+
+
+def _check_rate(p: float, lower: np.ndarray, alpha: float) -> None:
+    """A certificate is wrong when its lower bound exceeds the true p_A: the rate must not exceed α
+    beyond a one-sided 95 % binomial interval (Clopper-Pearson)."""
+    wrong, runs = int((lower > p).sum()), lower.size
+    assert (beta.ppf(0.05, wrong, runs - wrong + 1) if wrong else 0.0) <= alpha, (p, wrong, runs)
+
+
+def test_wrong_certificates_stay_below_alpha_whenever_a_run_stops():
+    """On every threshold of the grid (the hardest p_A for a stopping rule) and at both ends:
+    11 cases x 10^4 runs = 1.1 x 10^5 simulated images at α = 0.05."""
+    for i, p in enumerate([0.3, *THRESHOLDS, 1.0]):
+        _, drawn, lower = _simulate(p, 0.05, 10_000, 10_000, seed=i)
+        _check_rate(p, lower, 0.05)
+        assert drawn.min() >= 100 and drawn.max() <= 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("alpha", [0.05, 0.001])
+def test_wrong_certificates_stay_below_alpha_over_a_million_runs(alpha):
+    """On, just below and just above every threshold: 10^5 runs per case, 29 cases, n_max = 10^5."""
+    for i, p in enumerate(_cases()):
+        _, _, lower = _simulate(p, alpha, 100_000, 100_000, seed=100 + i)
+        _check_rate(p, lower, alpha)
+
+
+def test_clear_images_stop_early_and_borderline_ones_use_the_budget():
+    _, drawn, lower = _simulate(1.0, 0.001, 100_000, 1000, seed=0)
+    assert drawn.max() <= 800 and (lower >= THRESHOLDS[-1]).all()  # robust beyond 2σ after ≤ 800
+    _, drawn, _ = _simulate(0.2, 0.001, 100_000, 1000, seed=1)
+    assert drawn.max() <= 200  # an abstention is decided at once
+    _, drawn, _ = _simulate(THRESHOLDS[4] + 1e-4, 0.001, 100_000, 200, seed=2)
+    assert np.median(drawn) == 100_000  # on a threshold: the whole budget
+
+
+def test_look_points_double_and_end_at_n_max():
+    assert look_points(10_000) == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
+    assert look_points(1000, first=300) == [300, 600, 1000]
+    assert look_points(80) == [80]
+    with pytest.raises(ValueError, match="n_max must be a positive integer"):
+        look_points(0)
+
+
+@pytest.mark.parametrize("radii", [[], [-0.5], [float("nan")]])
+def test_a_bad_radii_grid_is_named(radii):
+    with pytest.raises(ValueError, match="radii must be a non-empty list"):
+        certify_sequential(lambda x: torch.zeros(x.shape[0], 3), torch.rand(1, 1, 4, 4), 0.5, radii=radii)
+
+
+def _threshold_classifier(image: torch.Tensor, p: float):
+    """Votes class 0 exactly when the noise at pixel 0 is below Φ⁻¹(p): p_A = p exactly."""
+    cut = float(norm.ppf(p))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        z = (x[:, 0, 0, 0] - image[0, 0, 0]) / SIGMA  # (B,), N(0, 1)
+        logits = torch.zeros(x.shape[0], 2)
+        logits[:, 1] = (z >= cut).float()
+        return logits
+
+    return f
+
+
+def test_the_certifier_matches_its_loop_and_fixed_n_is_unchanged():
+    image = torch.full((1, 4, 4), 0.5)
+    clf = _threshold_classifier(image, 0.999)
+    seq = certify_sequential(clf, image[None], SIGMA, n0=50, n_max=10_000, alpha=0.001,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert seq.predictions.tolist() == [0] and int(seq.samples[0]) < 10_000
+    looks = look_points(10_000)
+    assert lower_confidence_bound(
+        int(seq.counts[0]), int(seq.samples[0]), 0.001 / len(looks)
+    ) == pytest.approx(float(seq.p_lower[0]))
+    assert float(seq.radii[0]) == pytest.approx(SIGMA * norm.ppf(float(seq.p_lower[0])))
+    fixed = certify(clf, image[None], SIGMA, n0=50, n=10_000, generator=torch.Generator().manual_seed(0))
+    assert fixed.samples is None  # fixed-n CERTIFY: no field set, results as before
+    assert fixed.counts.tolist() == [int(fixed.counts[0])] and int(fixed.counts[0]) > 9900
