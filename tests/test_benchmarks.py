@@ -42,3 +42,18 @@ def test_benchmark_prints_the_machine_and_spreads(case):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "machine: " in run.stdout and "cores, flags" in run.stdout, run.stdout
     assert expect in run.stdout and " [" in run.stdout, run.stdout  # median [min, max]
+
+
+@pytest.mark.slow
+def test_sequential_certification_benchmark_runs_on_a_saved_pipeline(tmp_path, data_dir):
+    from rrcm_diffusers import RRCMPipeline
+    from tests.rrcm.helpers import tiny_model
+
+    RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path / "pipe")
+    args = ["--pipeline", str(tmp_path / "pipe"), "--data-dir", str(data_dir), "--sigma", "0.5",
+            "--num-images", "10", "--n", "300", "--n0", "20"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "machine: " in run.stdout and "ratio fixed / sequential" in run.stdout and "McNemar" in run.stdout

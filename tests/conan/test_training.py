@@ -230,7 +230,7 @@ def test_sampler_single_process_mixes_both_tasks():
         (
             retrieval_ds(),
             Dataset.from_dict({"sentence1": ["a"], "sentence2": ["b"], "score": [7.0]}),
-            r"scores must lie in \(0.0, 5.0\)",
+            r"row 0: 7.0 is outside sts_score_range \(0.0, 5.0\)",
         ),
         (retrieval_ds(), sts_rows().select([]), "each task needs data"),
     ],

@@ -114,3 +114,28 @@ def test_the_certifier_matches_its_loop_and_fixed_n_is_unchanged():
     fixed = certify(clf, image[None], SIGMA, n0=50, n=10_000, generator=torch.Generator().manual_seed(0))
     assert fixed.samples is None  # fixed-n CERTIFY: no field set, results as before
     assert fixed.counts.tolist() == [int(fixed.counts[0])] and int(fixed.counts[0]) > 9900
+
+
+def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
+    from rrcm_diffusers import RRCMPipeline
+    from rrcm_diffusers.dataset_certification import certify_dataset, read_records, report_row
+    from tests.rrcm.helpers import tiny_model
+
+    pipe = RRCMPipeline(model=tiny_model(num_classes=3, projection_dim=0))
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = pipe.certify(images, sigma=0.5, n0=20, n=3000, radii=[0.0, 0.25, 0.5],
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.samples is not None and ((out.samples >= 100) & (out.samples <= 3000)).all()
+    assert ((out.predictions >= 0) == (out.p_lower >= 0.5)).all()
+    assert pipe.certify(images, sigma=0.5, n0=20, n=300).samples is None  # the default: fixed n
+
+    labels = torch.tensor([0, 1, 2])
+    records = certify_dataset(
+        pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 0.5], progress=False
+    )
+    assert all(100 <= r["samples"] <= 3000 for r in records)
+    assert [r["samples"] for r in read_records(tmp_path).values()] == [r["samples"] for r in records]
+    row = report_row(records, "rrcm", 0.5, 20, 3000, 0.001)
+    assert row["forward_passes"] == sum(r["samples"] for r in records) + 3 * 20
+    with pytest.raises(ValueError, match=r"differs in \['radii'\]"):
+        certify_dataset(pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 1.0], progress=False)

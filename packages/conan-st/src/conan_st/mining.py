@@ -133,6 +133,37 @@ def mine_candidates(
 # ----------------------------------------------------------------------------- the store
 
 
+def _check_candidates(candidates: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """Each row: distinct corpus ids >= 0, padded with -1 at its end only, at least ``num_negatives``
+    of them. Returns the number of ids per row."""
+    if candidates.is_floating_point() or candidates.dtype == torch.bool:
+        raise ValueError(f"candidates must hold integer corpus ids, got dtype {candidates.dtype}")
+    valid = (candidates >= 0).sum(1)
+    # -1 pads the END of a short row; a -1 (or any negative) before an id would index the
+    # corpus from its end (-1: the last text) when the window reaches it
+    padded_early = (candidates < 0) & (torch.arange(candidates.shape[1]) >= valid[:, None]).logical_not()
+    if bool((candidates < -1).any()) or bool(padded_early.any()):
+        row = int(((candidates < -1) | padded_early).any(1).nonzero()[0])
+        raise ValueError(
+            f"candidates of example {row} must be corpus ids >= 0, padded with -1 at the end only; "
+            f"got {candidates[row].tolist()[:20]}"
+        )
+    ordered = candidates.sort(dim=1).values
+    repeats = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(1)
+    if bool(repeats.any()):
+        row = int(repeats.nonzero()[0])
+        raise ValueError(
+            f"candidates of example {row} list a document more than once: {candidates[row].tolist()[:20]}"
+        )
+    if int(valid.min()) < num_negatives:
+        worst = int(valid.argmin())
+        raise ValueError(
+            f"example {worst} has only {int(valid[worst])} candidates, fewer than num_negatives="
+            f"{num_negatives}: the corpus is smaller than one window (mine deeper or use fewer negatives)"
+        )
+    return valid
+
+
 class NegativeStore:
     """Per-example candidate lists, current windows and scores (see the module docstring)."""
 
@@ -161,31 +192,7 @@ class NegativeStore:
             raise ValueError(f"need num_negatives >= 1 and skip >= 0, got {num_negatives} and {skip}")
         if end_policy not in ("stay", "wrap"):
             raise ValueError(f"end_policy must be 'stay' or 'wrap', got {end_policy!r}")
-        if candidates.is_floating_point() or candidates.dtype == torch.bool:
-            raise ValueError(f"candidates must hold integer corpus ids, got dtype {candidates.dtype}")
-        valid = (candidates >= 0).sum(1)
-        # -1 pads the END of a short row; a -1 (or any negative) before an id would index the
-        # corpus from its end (-1: the last text) when the window reaches it
-        padded_early = (candidates < 0) & (torch.arange(candidates.shape[1]) >= valid[:, None]).logical_not()
-        if bool((candidates < -1).any()) or bool(padded_early.any()):
-            row = int(((candidates < -1) | padded_early).any(1).nonzero()[0])
-            raise ValueError(
-                f"candidates of example {row} must be corpus ids >= 0, padded with -1 at the end only; "
-                f"got {candidates[row].tolist()[:20]}"
-            )
-        ordered = candidates.sort(dim=1).values
-        repeats = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(1)
-        if bool(repeats.any()):
-            row = int(repeats.nonzero()[0])
-            raise ValueError(
-                f"candidates of example {row} list a document more than once: {candidates[row].tolist()[:20]}"
-            )
-        if int(valid.min()) < num_negatives:
-            worst = int(valid.argmin())
-            raise ValueError(
-                f"example {worst} has only {int(valid[worst])} candidates, fewer than num_negatives="
-                f"{num_negatives}: the corpus is smaller than one window (mine deeper or use fewer negatives)"
-            )
+        valid = _check_candidates(candidates, num_negatives)
         self.candidates = candidates.long().contiguous().share_memory_()
         self.candidate_scores = candidate_scores
         self.valid = valid

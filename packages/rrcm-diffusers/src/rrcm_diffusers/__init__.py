@@ -8,7 +8,7 @@ noisy inputs (:class:`RRCMFinetuningLoss`), and certified with randomized smooth
 
 from __future__ import annotations
 
-from .certification import CertifyResult, PredictResult, certify, predict
+from .certification import CertifyResult, PredictResult, certify, certify_sequential, predict
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
 from .modeling_rrcm import GatheredBatchNorm1d, RRCMModel, RRCMModelOutput, info_nce
 from .pipeline_rrcm import CITATION, RRCMCertifyOutput, RRCMPipeline, RRCMPipelineOutput, write_model_card
@@ -52,6 +52,7 @@ __all__ = [
     "add_smoothing_noise",
     "certify",
     "certify_dataset",
+    "certify_sequential",
     "ema_rate",
     "grid_index_for_sigma",
     "grid_scheduler",

@@ -44,7 +44,7 @@ from shared_dist import broadcast_object, gather_object, get_rank, get_world_siz
 
 from ._atomic import claim_folder
 from ._checks import check_int, positive_float_arg, positive_int_arg, probability_arg
-from .certification import CertifyResult, certify, check_arguments
+from .certification import CertifyResult, certify, certify_sequential, check_arguments, radius_thresholds
 from .data import DATASETS
 from .pipeline_dds import DDSPipeline
 from .pipeline_rrcm import RRCMPipeline
@@ -150,13 +150,16 @@ def certify_dataset(
     batch_size: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    radii: list[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Certify ``images`` (N, C, H, W) in [0, 1] across the processes of the running job.
 
     Every rank calls it with the same arguments; the pipeline sits on the rank's device.
     Returns, on every rank, one record per image in index order: ``index``, ``label``,
     ``prediction`` (-1: abstain), ``radius``, ``p_lower``, ``count`` and ``seconds``.
-    Finished images in ``out`` are kept, never recomputed (see the module docstring).
+    Finished images in ``out`` are kept, never recomputed (see the module docstring). With ``radii``
+    (the radii you report) each image is certified sequentially (`certify_sequential`, ``n`` the most
+    samples per image) and its record carries ``samples``, the estimation samples it used.
     """
     # 0. every argument checked before OUT is claimed: a refused value must not leave a record
     #    that then refuses the corrected command as "another config"
@@ -170,7 +173,11 @@ def certify_dataset(
     if images.shape[0]:
         pipeline._prepare(images[:1])  # the pipeline's own shape check: the wrong dataset is named here
     rank, world, out = get_rank(), get_world_size(), Path(out)
+    if radii is not None:
+        radius_thresholds(list(radii), sigma)  # checked before the claim, like every argument
     run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
+    if radii is not None:  # only then: a fixed-n run's record (and its folder) stays as before
+        run["radii"] = [float(r) for r in radii]
     run.update(_fingerprint(pipeline, images, labels))
     # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
     done = _claim(out, run, rank)
@@ -183,7 +190,7 @@ def certify_dataset(
         record = None
         if k < len(mine):
             x = pipeline._prepare(images[mine[k] : mine[k] + 1])
-            settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+            settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, radii=radii)
             record = _certify_one(
                 classifier, x, mine[k], int(labels[mine[k]]), image_generator(seed, mine[k]), settings
             )
@@ -220,8 +227,14 @@ def _certify_one(
     """The record of image ``index`` (x: (1, C, H, W)); ``settings``: `certify`'s sigma, n0, n, alpha
     and batch_size."""
     start = time.perf_counter()
-    res = certify(classifier, x, generator=generator, **settings)
-    return {
+    settings = dict(settings)
+    radii = settings.pop("radii", None)
+    if radii is None:
+        res = certify(classifier, x, generator=generator, **settings)
+    else:
+        settings["n_max"] = settings.pop("n")
+        res = certify_sequential(classifier, x, generator=generator, radii=radii, **settings)
+    record = {
         "index": index,
         "label": label,
         "prediction": int(res.predictions[0]),
@@ -230,6 +243,9 @@ def _certify_one(
         "count": int(res.counts[0]),
         "seconds": time.perf_counter() - start,
     }
+    if res.samples is not None:
+        record["samples"] = int(res.samples[0])
+    return record
 
 
 def report_row(
@@ -241,6 +257,7 @@ def report_row(
         radii=torch.tensor([r["radius"] for r in records], dtype=torch.float64),
         p_lower=torch.tensor([r["p_lower"] for r in records], dtype=torch.float64),
         counts=torch.tensor([r["count"] for r in records], dtype=torch.long),
+        samples=torch.tensor([r.get("samples", n) for r in records], dtype=torch.long),
     )
     labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
     seconds = sum(r["seconds"] for r in records)  # compute time, summed over processes
@@ -251,37 +268,8 @@ def _device_name(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else str(device)  # accelerate says cpu:0 under DDP
 
 
-def main(argv: list[str] | None = None) -> None:
-    from accelerate import Accelerator
-
-    from .data import load_dataset, strided_class_subset
-
-    parser = argparse.ArgumentParser(
-        prog="rrcm-certify",
-        description=__doc__.splitlines()[0],
-    )
-    parser.add_argument("--pipeline", required=True, help="a saved RRCMPipeline or DDSPipeline folder")
-    parser.add_argument("--out", required=True, help="results folder (resumed if it holds this run)")
-    parser.add_argument(
-        "--dataset", choices=DATASETS, default="mnist", help="test split to certify (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="the shared data folder (default: $RRCM_DATA_DIR, else ../shared/data)",
-    )
-    parser.add_argument(
-        "--per-class",
-        type=positive_int_arg,
-        default=None,
-        help="class-balanced subset: K test images per class (default: all)",
-    )
-    parser.add_argument(
-        "--num-images",
-        type=positive_int_arg,
-        default=None,
-        help="only the first K test images (default: all)",
-    )
+def _add_certify_options(parser: argparse.ArgumentParser) -> None:
+    """σ, n0, n, α, batch size and seed: the arguments of CERTIFY, each checked by its type."""
     parser.add_argument(
         "--sigma",
         type=positive_float_arg,
@@ -318,10 +306,55 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="noise seed (image i's noise depends on (seed, i)) (default: %(default)s)",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The options of ``rrcm-certify`` (``python -m rrcm_diffusers.dataset_certification``)."""
+    parser = argparse.ArgumentParser(
+        prog="rrcm-certify",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--pipeline", required=True, help="a saved RRCMPipeline or DDSPipeline folder")
+    parser.add_argument("--out", required=True, help="results folder (resumed if it holds this run)")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="mnist", help="test split to certify (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the shared data folder (default: $RRCM_DATA_DIR, else ../shared/data)",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=positive_int_arg,
+        default=None,
+        help="class-balanced subset: K test images per class (default: all)",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=positive_int_arg,
+        default=None,
+        help="only the first K test images (default: all)",
+    )
+    _add_certify_options(parser)
     parser.add_argument(
         "--name", default=None, help="the method's name in the report (default: the folder's)"
     )
+    parser.add_argument(
+        "--radii", type=float, nargs="+", default=None, metavar="R",
+        help="the radii you report: certify sequentially, each image stopping once its radius on this grid "
+        "is decided (--n is then the most samples per image); default: fixed-n CERTIFY",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
+    from .data import load_dataset, strided_class_subset
+
+    parser = _parser()
     args = parser.parse_args(argv)
 
     state = Accelerator()  # the process group accelerate launch set up (or one process)
@@ -339,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     records = certify_dataset(
         pipeline, images.float() / 255, labels, args.sigma, args.out,
         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, radii=args.radii,
     )  # fmt: skip
     wall = time.perf_counter() - start
     devices = sorted(set(gather_object(_device_name(state.device))))  # every rank takes part

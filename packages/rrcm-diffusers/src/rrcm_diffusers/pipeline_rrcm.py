@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput
 from huggingface_hub import ModelCard
 
 from ._atomic import write_text_atomic
-from .certification import certify, predict, with_autocast
+from .certification import certify, certify_sequential, predict, with_autocast
 from .modeling_rrcm import RRCMModel
 from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, noise_level_for_sigma
 
@@ -51,12 +51,15 @@ class RRCMCertifyOutput(BaseOutput):
         radii (`torch.Tensor` of shape `(N,)`): certified L2 radius in [0, 1] pixel space.
         p_lower (`torch.Tensor` of shape `(N,)`): lower confidence bound of p_A.
         counts (`torch.Tensor` of shape `(N,)`): votes for the selected class among `n` samples.
+        samples (`torch.Tensor` of shape `(N,)`, *optional*): estimation samples drawn per image
+            (sequential certification, `radii=`); `None` for fixed-n CERTIFY (`n` for every image).
     """
 
     predictions: torch.Tensor
     radii: torch.Tensor
     p_lower: torch.Tensor
     counts: torch.Tensor
+    samples: torch.Tensor | None = None
 
 
 class RRCMPipeline(DiffusionPipeline):
@@ -197,9 +200,10 @@ class RRCMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
         autocast_dtype: torch.dtype | None = None,
+        radii: list[float] | None = None,
     ) -> RRCMCertifyOutput | tuple:
         r"""
-        Certified L2 radius per image (Cohen's CERTIFY).
+        Certified L2 radius per image (Cohen's CERTIFY; with `radii`, its sequential form).
 
         Args:
             images (`torch.Tensor` of shape `(N, C, H, W)`): clean images in [0, 1].
@@ -212,23 +216,28 @@ class RRCMPipeline(DiffusionPipeline):
             return_dict (`bool`): return an [`RRCMCertifyOutput`] instead of a tuple.
             autocast_dtype (`torch.dtype`, *optional*): run the base classifier under autocast
                 (`torch.bfloat16`); off by default. Sound for any dtype: see `certification.with_autocast`.
+            radii (`list[float]`, *optional*): the radii you report. Given, certification is
+                sequential (`certification.certify_sequential`): `n` becomes the most samples an image
+                may use, and each image stops once its radius on this grid is decided, with the same
+                guarantee (P(wrong certificate) <= `alpha` per image). Not given (the default), every
+                image draws `n` samples: fixed-n CERTIFY, as published tables use.
         """
         x = self._prepare(images)
-        out = certify(
-            self.base_classifier(sigma, autocast_dtype),
-            x,
-            sigma,
-            n0=n0,
-            n=n,
-            alpha=alpha,
-            batch_size=batch_size,
-            generator=generator,
-            progress=not self._progress_disabled(),
-        )
+        settings = dict(alpha=alpha, batch_size=batch_size, generator=generator)
+        settings["progress"] = not self._progress_disabled()
+        classifier = self.base_classifier(sigma, autocast_dtype)
+        if radii is None:
+            out = certify(classifier, x, sigma, n0=n0, n=n, **settings)
+        else:
+            out = certify_sequential(classifier, x, sigma, n0=n0, n_max=n, radii=radii, **settings)
         if not return_dict:
             return (out.predictions, out.radii, out.p_lower, out.counts)
         return RRCMCertifyOutput(
-            predictions=out.predictions, radii=out.radii, p_lower=out.p_lower, counts=out.counts
+            predictions=out.predictions,
+            radii=out.radii,
+            p_lower=out.p_lower,
+            counts=out.counts,
+            samples=out.samples,
         )
 
     def _progress_disabled(self) -> bool:

@@ -85,6 +85,8 @@ def summary_row(
     # per image: the certified radius when correct, -1 when wrong or abstaining (for paired tests)
     per_image = torch.where(correct, result.radii, torch.full_like(result.radii, -1.0))
     k = [int((per_image >= r).sum()) for r in RADII]  # certified correct at radius r
+    # estimation samples per image: n each for fixed-n CERTIFY, fewer when sequential stopped early
+    used = result.samples if result.samples is not None else torch.full((labels.numel(),), n)
     return {
         "method": method,
         "sigma": sigma,
@@ -96,7 +98,11 @@ def summary_row(
         "acr": average_certified_radius(result, labels),
         "abstain": float((result.predictions < 0).float().mean()),
         "seconds": seconds,
-        "ms_per_noise_sample": 1000 * seconds / max(labels.numel() * (n0 + n), 1),
+        "ms_per_noise_sample": 1000 * seconds / max(int(used.sum()) + labels.numel() * n0, 1),
+        "forward_passes": int(used.sum()) + labels.numel() * n0,  # noise samples classified in all
+        "samples_mean": float(used.double().mean()) if used.numel() else 0.0,
+        "samples_median": float(used.double().median()) if used.numel() else 0.0,
+        "samples_p90": float(used.double().quantile(0.9)) if used.numel() else 0.0,
         "ci95": {f"r={r:g}": _clopper_pearson(ki, labels.numel()) for r, ki in zip(RADII, k)},
         "acr_ci95": _bootstrap_mean(per_image.clamp_min(0.0).tolist()),
         "certified_radius": per_image.tolist(),
@@ -224,14 +230,18 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, title: str, notes:
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: str = "") -> str:
-    head = "| method | σ | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | abstain | ms/sample |"
-    sep = "|---" * (len(RADII) + 5) + "|"
+    head = (
+        "| method | σ | " + " | ".join(f"r={r:g}" for r in RADII)
+        + " | ACR | abstain | ms/sample | forward passes (samples per image: median / p90) |"
+    )  # fmt: skip
+    sep = "|---" * (len(RADII) + 6) + "|"
     lines = [f"## {title}", "", notes, "", head, sep] if title else [head, sep]
     for r in sorted(rows, key=lambda r: (r["sigma"], r["method"])):
         accs = " | ".join(f"{100 * r[f'r={x:g}']:.1f}" for x in RADII)
         lines.append(
             f"| {r['method']} | {r['sigma']:g} | {accs} | {r['acr']:.3f} | {100 * r['abstain']:.1f}% | "
-            f"{r['ms_per_noise_sample']:.3f} |"
+            f"{r['ms_per_noise_sample']:.3f} | {r.get('forward_passes', '')} "
+            f"({r.get('samples_median', 0):g} / {r.get('samples_p90', 0):g}) |"
         )
     return "\n".join(lines) + "\n"
 

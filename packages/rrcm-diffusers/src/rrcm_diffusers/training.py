@@ -63,8 +63,11 @@ class PretrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
 
     def __post_init__(self) -> None:
-        # every field checked here, before any folder, model or step: a bad value names itself
-        # (log_every=0 was a ZeroDivisionError in the loop, a float step count a TypeError in range)
+        self.check()
+
+    def check(self) -> None:
+        """Every field, at construction and again when training starts (a field set later is checked
+        too): log_every=0 was a ZeroDivisionError in the loop, a float step count a TypeError."""
         for name, minimum in [("steps", 0), ("batch_size", 1), ("warmup_steps", 0), ("icm_s0", 1),
                               ("icm_s1", 1), ("seed", 0), ("log_every", 1), ("checkpoint_every", 0)]:  # fmt: skip
             check_int(f"PretrainConfig.{name}", getattr(self, name), minimum)
@@ -104,6 +107,10 @@ class FinetuneConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field, at construction and again when fine-tuning starts."""
         check_sigma(self.sigma, "FinetuneConfig.sigma")
         for name, minimum in [("probe_steps", 0), ("steps", 0), ("batch_size", 1), ("warmup_steps", 0),
                               ("num_noise_samples", 1), ("seed", 0), ("log_every", 1), ("checkpoint_every", 0)]:  # fmt: skip
@@ -456,6 +463,7 @@ def pretrain(
     resumes from the latest one when ``resume`` is true.
     """
     _check_images(images)
+    config.check()
     if model.projector is None:
         raise ValueError("pretraining needs a projector: build the model with projection_dim > 0")
     accelerator = accelerator or Accelerator()
@@ -594,6 +602,7 @@ def finetune(
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
     _check_images(images)
     _check_labels(labels, images.shape[0], model.classifier.out_features)
+    config.check()  # before any folder or step
     accelerator = accelerator or Accelerator()
     out = _run_dir(output_dir, "finetune", config, model, (images, labels), accelerator)
     loss_fn = RRCMFinetuningLoss(
