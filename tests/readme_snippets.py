@@ -173,3 +173,9 @@ def run_script(
     if len(results) != processes:
         raise AssertionError(f"expected {processes} RESULT lines, got {len(results)}:\n{proc.stdout[-3000:]}")
     return results
+
+
+def run_conan_block(where: Path, python: str, hub_root: Path) -> list[dict]:
+    """The README's conan block on two CPU processes with ``python``, the model served offline."""
+    script = write_script("conan", where / "conan_block.py")
+    return run_script(script, where, python, processes=2, env={"HF_HUB_CACHE": str(hub_cache(hub_root))})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.readme_snippets import hub_cache, run_script, write_script
+from tests.readme_snippets import run_conan_block, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
 LOWEST = {  # package -> the lowest versions its pyproject.toml declares (checked below)
@@ -63,13 +63,7 @@ def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path
         (res,) = run_script(write_script("rrcm", where / "rrcm_block.py"), where, python)
         assert res["steps"] == res["total_steps"] and res["reloaded_radii"] == res["radii"]
     else:
-        results = run_script(
-            write_script("conan", where / "conan_block.py"),
-            where,
-            python,
-            processes=2,
-            env={"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub"))},
-        )
+        results = run_conan_block(where, python, tmp_path / "hub")
         assert sorted(r["global_step"] for r in results) == [18, 18]
         # mteb is the [mteb] extra: training ran without it, and evaluation says how to get it
         probe = "import conan_st.evaluation"

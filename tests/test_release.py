@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.readme_snippets import DATA, hub_cache, run_script, write_script
+from tests.readme_snippets import DATA, run_conan_block, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["shared-dist", "rrcm-diffusers", "conan-st"]
@@ -89,11 +89,5 @@ def test_wheels_install_and_run_outside_the_source_tree(tmp_path):
     )
     assert proc.returncode != 0 and "pip install 'conan-st[mteb]'" in proc.stderr, proc.stderr[-2000:]
 
-    results = run_script(
-        write_script("conan", where / "conan_block.py"),
-        where,
-        python,
-        processes=2,
-        env={"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub"))},
-    )
+    results = run_conan_block(where, python, tmp_path / "hub")
     assert sorted(r["global_step"] for r in results) == [18, 18]

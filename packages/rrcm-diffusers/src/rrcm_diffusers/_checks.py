@@ -60,23 +60,21 @@ def positive_int_arg(text: str) -> int:
     return value
 
 
-def positive_float_arg(text: str) -> float:
-    """argparse ``type=`` for σ-like values: finite and > 0."""
+def _float_arg(text: str, ok, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float_arg(text: str) -> float:
+    """argparse ``type=`` for σ-like values: finite and > 0."""
+    return _float_arg(text, lambda v: v > 0, "a finite number > 0")
 
 
 def probability_arg(text: str) -> float:
     """argparse ``type=`` for α: in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
+    return _float_arg(text, lambda v: 0 < v < 1, "a number in (0, 1)")
