@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ._checks import check_sigma
 from .certification import with_autocast
 from .modeling_rrcm import RRCMModel, check_floating_weights
-from .pipeline_rrcm import RRCMPipeline, make_loadable_by_diffusers, own_stub_kwargs
+from .pipeline_rrcm import RRCMPipeline, make_loadable_by_diffusers, own_class_config
 from .trajectory import SIGMA_MIN
 
 
@@ -50,8 +50,11 @@ class DDSPipeline(DiffusionPipeline):
         """diffusers' loader, after refusing a UNet weight file with non-floating tensors (the
         classifier's own loader checks its files)."""
         check_floating_weights(Path(pretrained_model_name_or_path) / "unet")
-        kwargs = own_stub_kwargs(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        return own_class_config(super().load_config(*args, **kwargs), cls.__name__)
 
     def timestep_for_sigma(self, sigma: float) -> int:
         """t* with sqrt((1 − ᾱ_t)/ᾱ_t) closest to 2σ."""

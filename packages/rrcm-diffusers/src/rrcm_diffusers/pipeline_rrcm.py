@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers import CMStochasticIterativeScheduler, DiffusionPipeline
@@ -107,10 +106,8 @@ class RRCMPipeline(DiffusionPipeline):
             make_loadable_by_diffusers(save_directory, type(self).__name__)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        return super().from_pretrained(
-            pretrained_model_name_or_path, **own_stub_kwargs(pretrained_model_name_or_path, kwargs)
-        )
+    def load_config(cls, *args, **kwargs):
+        return own_class_config(super().load_config(*args, **kwargs), cls.__name__)
 
     def base_classifier(self, sigma: float, autocast_dtype: torch.dtype | None = None):
         """The base classifier f(x) for noisy images x in [0, 1] pixel space → logits (B, K);
@@ -249,12 +246,17 @@ class RRCMPipeline(DiffusionPipeline):
 # module, or in a custom-pipeline file named by `_class_name: [file, class]` in model_index.json (the
 # way community pipelines ship). Each saved folder gets that one-line file, which imports the class
 # from the installed package (no code is copied), so the generic loader opens it with
-# `trust_remote_code=True`, as diffusers asks of any custom pipeline.
-
-HUB_MODULE = "pipeline_rrcm_diffusers"
-
+# `trust_remote_code=True`, as diffusers asks of any custom pipeline. Our own classes never go that
+# way: `own_class_config` hands diffusers the plain class name, so `RRCMPipeline.from_pretrained`
+# imports nothing from the folder and needs no flag (diffusers copies custom files into one shared
+# module cache; ranks loading at once raced on it: "module ... has no attribute RRCMPipeline").
 
 _MODULES = {"RRCMPipeline": "rrcm_diffusers.pipeline_rrcm", "DDSPipeline": "rrcm_diffusers.pipeline_dds"}
+
+
+def hub_module(class_name: str) -> str:
+    """The custom-pipeline file's name: one per class, as diffusers caches files by name."""
+    return f"{class_name.lower()}_rrcm_diffusers"
 
 
 def _stub(class_name: str) -> str:
@@ -268,28 +270,20 @@ def make_loadable_by_diffusers(folder: str | Path, class_name: str) -> None:
     folder = Path(folder)
     index = folder / "model_index.json"
     config = json.loads(index.read_text())
-    write_text_atomic(folder / f"{HUB_MODULE}.py", _stub(class_name))
-    config["_class_name"] = [HUB_MODULE, class_name]
+    write_text_atomic(folder / f"{hub_module(class_name)}.py", _stub(class_name))
+    config["_class_name"] = [hub_module(class_name), class_name]
     write_text_atomic(index, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def own_stub_kwargs(folder: str | Path, kwargs: dict) -> dict:
-    """``kwargs`` for loading one of our folders with the class itself: a folder whose custom-pipeline
-    file is exactly our stub needs no ``trust_remote_code`` (diffusers would ask for it: the file names
-    our class). Any other file is left to diffusers' own check."""
-    from diffusers.utils import dynamic_modules_utils
-
-    stub, index = Path(folder) / f"{HUB_MODULE}.py", Path(folder) / "model_index.json"
-    if not (stub.is_file() and index.is_file()):
-        return kwargs
-    name = json.loads(index.read_text()).get("_class_name")
-    asks = (
-        "trust_remote_code"
-        in inspect.signature(dynamic_modules_utils.get_class_from_dynamic_module).parameters
-    )
-    if isinstance(name, list) and name[-1] in _MODULES and stub.read_text() == _stub(name[-1]) and asks:
-        return {"trust_remote_code": True, **kwargs}
-    return kwargs
+def own_class_config(config: Any, class_name: str) -> Any:
+    """``load_config``'s result with ``_class_name: [file, class_name]`` replaced by ``class_name``
+    (the config may come alone or first in a tuple). Another class's name is left as it is, and
+    diffusers then loads or refuses it as usual."""
+    values = config[0] if isinstance(config, tuple) else config
+    name = values.get("_class_name") if isinstance(values, dict) else None
+    if isinstance(name, list) and len(name) == 2 and name[1] == class_name:
+        values["_class_name"] = class_name
+    return config
 
 
 def write_model_card(
