@@ -274,13 +274,6 @@ def certify(
 # ----------------------------------------------------------------------------- sequential CERTIFY
 
 
-def upper_confidence_bound(successes: int, trials: int, alpha: float) -> float:
-    """One-sided (1 − α) Clopper–Pearson upper bound on a binomial proportion."""
-    if successes >= trials:
-        return 1.0
-    return float(beta.ppf(1 - alpha, successes + 1, trials - successes))
-
-
 def look_points(n_max: int, first: int = 100) -> list[int]:
     """The sample counts at which the sequential certifier looks: ``first``, then doubling, and
     ``n_max`` last (a look past ``n_max`` is never made)."""
