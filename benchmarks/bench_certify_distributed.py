@@ -2,12 +2,15 @@
 
 Both runs: the CLI on the same MNIST test images, each process one thread (OMP_NUM_THREADS=1), one
 after the other, in a rotating order over ``--rounds`` rounds (median [min, max] printed); the model of an experiment config (default: the main job's,
-examples/rrcm/configs/mnist_main.yaml) with fresh weights (weights do not change the cost) unless
-``--pipeline`` names a saved one. Prints the certification loop's wall time (the CLI's ``wall_s``)
+examples/rrcm/configs/mnist_main.yaml) with fresh weights (weights do not change the cost of fixed-n
+CERTIFY) unless ``--pipeline`` names a saved one. With ``--radii`` the CLI certifies sequentially: an
+image then costs 100x another, and the ranks share a queue of images (``shared_dist.next_index``). Prints the certification loop's wall time (the CLI's ``wall_s``)
 and the whole command's, and the speed-up 1 process / 2 processes (target >= 1.8x), and checks that
 both runs wrote the same certificates.
 
     python benchmarks/bench_certify_distributed.py [--images 40] [--n 1000] [--rounds 5]
+    python benchmarks/bench_certify_distributed.py --pipeline reports/latest/rrcm/rrcm-sigma0.5/pipeline \
+        --n 10000 --radii 0 0.25 0.5 0.75 1
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def main() -> None:
     parser.add_argument("--pipeline", default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--radii", type=float, nargs="+", default=None, help="certify sequentially on this grid"
+    )
     args = parser.parse_args()
     print(machine())
     tmp = Path(tempfile.mkdtemp(prefix="bench_certify_distributed_"))
@@ -54,6 +60,8 @@ def main() -> None:
            "--batch-size", str(args.batch_size)]  # fmt: skip
     if args.data_dir:
         cli += ["--data-dir", args.data_dir]
+    if args.radii:
+        cli += ["--radii", *map(str, args.radii)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -100,7 +108,10 @@ def main() -> None:
         f" (target >= 1.8x), whole command {spread(ratios(walls['1 process'], walls['2 processes']), '.2f')}x;"
         f" identical certificates: {same}"
     )
-    print(f"({args.images} images, n0 = 100, n = {args.n}, batch {args.batch_size}, each process 1 thread)")
+    how = f"sequential on radii {args.radii}, n_max" if args.radii else "n"
+    print(
+        f"({args.images} images, n0 = 100, {how} = {args.n}, batch {args.batch_size}, each process 1 thread)"
+    )
 
 
 if __name__ == "__main__":

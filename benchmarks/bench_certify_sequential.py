@@ -19,7 +19,13 @@ import time
 import torch
 from _common import machine
 
-from rrcm_diffusers.certification import CertifyResult, certify, certify_sequential
+from rrcm_diffusers.certification import (
+    CertifyResult,
+    certify,
+    certify_sequential,
+    radius_thresholds,
+    sequential_looks,
+)
 from rrcm_diffusers.data import load_dataset, strided_class_subset
 from rrcm_diffusers.dataset_certification import image_generator, load_pipeline
 from rrcm_diffusers.report import RADII, paired_tests, summary_row
@@ -41,7 +47,7 @@ def _run(kind: str, classifier, images, labels, sigma, n0, n, alpha, radii, batc
     cat = lambda name: torch.cat([getattr(r, name) for r in out])  # noqa: E731
     samples = cat("samples") if kind == "sequential" else torch.full((images.shape[0],), n)
     result = CertifyResult(cat("predictions"), cat("radii"), cat("p_lower"), cat("counts"), samples)
-    return summary_row(kind, sigma, result, labels, n0=n0, n=n, alpha=alpha, seconds=seconds)
+    return summary_row(kind, sigma, result, labels, n0=n0, n=n, alpha=alpha, seconds=seconds), result
 
 
 def main() -> None:
@@ -55,6 +61,7 @@ def main() -> None:
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--out", default=None, help="write per-image certificates to OUT-n<n>.json")
     args = parser.parse_args()
     print(machine())
     images, labels = load_dataset(args.dataset, "test", args.data_dir)
@@ -66,9 +73,25 @@ def main() -> None:
     classifier = pipe.base_classifier(args.sigma)
     radii = [r for r in RADII if r <= 2 * args.sigma + 1e-9]
     for n in args.n:
-        rows = [_run(k, classifier, images, labels, args.sigma, args.n0, n, args.alpha, radii, args.batch_size)
-                for k in ("fixed", "sequential")]  # fmt: skip
-        fixed, seq = rows
+        (fixed, fixed_result), (seq, seq_result) = [
+            _run(k, classifier, images, labels, args.sigma, args.n0, n, args.alpha, radii, args.batch_size)
+            for k in ("fixed", "sequential")
+        ]
+        rows = [fixed, seq]
+        looks = sequential_looks(n, args.alpha, radius_thresholds(radii, args.sigma))
+        used = seq_result.samples
+        print("  where the samples go (sequential): look, images stopping there, share of its forward passes")
+        for m in looks:
+            stop = used == m
+            print(
+                f"    {m:>7,}  {int(stop.sum()):>5}  {float((used[stop] + args.n0).sum()) / seq['forward_passes']:6.1%}"
+            )
+        if args.out:
+            with open(f"{args.out}-n{n}.json", "w") as f:
+                json.dump({"labels": labels.tolist(), "looks": looks, **{
+                    kind: {k: getattr(r, k).tolist() for k in ("predictions", "radii", "p_lower", "counts")}
+                    | {"samples": used.tolist() if kind == "sequential" else None}
+                    for kind, r in (("fixed", fixed_result), ("sequential", seq_result))}}, f)  # fmt: skip
         print(f"\n{images.shape[0]} images, σ {args.sigma}, n = n_max = {n}, α {args.alpha}, radii {radii}")
         for r in rows:
             accs = " ".join(f"{100 * r[f'r={x:g}']:.1f}" for x in radii)

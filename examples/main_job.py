@@ -189,7 +189,7 @@ def summary_markdown(results: dict, certified_md: str, args, data_dir: Path) -> 
         "",
         "## rRCM (rrcm-diffusers) — certified accuracy (%) on MNIST",
         "",
-        "Randomized smoothing, CERTIFY; rRCM = pretrained + fine-tuned encoder, Cohen = the same backbone trained "
+        "Randomized smoothing, CERTIFY (sequential where the note under the table says so); rRCM = pretrained + fine-tuned encoder, Cohen = the same backbone trained "
         "from scratch with Gaussian noise augmentation, scratch+consistency = the same backbone trained from "
         "scratch with rRCM's fine-tuning loss (the matched baseline: what pretraining adds). "
         "Plot: certified_accuracy.png.",

@@ -88,21 +88,47 @@ def snippet(section: str, readme: Path = README) -> str:
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
+PACKAGE_RRCM_EPILOGUE = """
+import json, os, sys
+sys.stdout.write("RESULT " + json.dumps({
+    "pretrain_steps": len(history),
+    "predictions": out.predictions.tolist(),
+    "radii": out.radii.tolist(),
+    "samples": None if out.samples is None else out.samples.tolist(),
+    "final": sorted(os.listdir("rrcm-mnist/final")),
+}) + "\\n")
+"""
+
+SHARED_DIST_EPILOGUE = """
+import json, sys
+sys.stdout.write("RESULT " + json.dumps({
+    "rank": rank,
+    "rows": keys.shape[0],
+    "slice": [mine.start, mine.stop],
+    "loss": loss.item(),
+    "key_grad": local_keys.grad.abs().sum().item(),
+}) + "\\n")  # one write: the ranks share stdout
+sys.stdout.flush()
+"""
+
+PACKAGES = README.parent / "packages"
 BLOCKS = {  # name -> (README, heading above the block)
     "rrcm": (README, "rrcm-diffusers in your code"),
     "conan": (README, "conan-st in your code"),
-    "conan-package": (README.parent / "packages/conan-st/README.md", "Example"),
+    "conan-package": (PACKAGES / "conan-st/README.md", "Example"),
+    "rrcm-package": (PACKAGES / "rrcm-diffusers/README.md", "Example"),
+    "shared-dist-package": (PACKAGES / "shared-dist/README.md", "Example"),
 }
 
 
 def write_script(block: str, path: Path, data_dir: Path = DATA) -> Path:
     """A standalone script: prelude (your data) + the README block as written + epilogue."""
     readme, heading = BLOCKS[block]
-    prelude, epilogue = (
-        (RRCM_PRELUDE, RRCM_EPILOGUE)
-        if block == "rrcm"
-        else (CONAN_PRELUDE.format(data=data_dir), CONAN_EPILOGUE % MODEL_ID)
-    )
+    prelude, epilogue = {
+        "rrcm": (RRCM_PRELUDE, RRCM_EPILOGUE),
+        "rrcm-package": ("", PACKAGE_RRCM_EPILOGUE),  # the block brings its own stand-in data
+        "shared-dist-package": ("", SHARED_DIST_EPILOGUE),
+    }.get(block) or (CONAN_PRELUDE.format(data=data_dir), CONAN_EPILOGUE % MODEL_ID)
     path.write_text(prelude + f"\n# ---- {readme.name}, as written\n" + snippet(heading, readme) + epilogue)
     return path
 

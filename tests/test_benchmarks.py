@@ -51,9 +51,17 @@ def test_sequential_certification_benchmark_runs_on_a_saved_pipeline(tmp_path, d
 
     RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path / "pipe")
     args = ["--pipeline", str(tmp_path / "pipe"), "--data-dir", str(data_dir), "--sigma", "0.5",
-            "--num-images", "10", "--n", "300", "--n0", "20"]  # fmt: skip
+            "--num-images", "10", "--n", "300", "--n0", "20", "--out", str(tmp_path / "seq")]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args],
                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "machine: " in run.stdout and "ratio fixed / sequential" in run.stdout and "McNemar" in run.stdout
+    assert "where the samples go" in run.stdout
+    # the ceiling reads those certificates (per-image p_A) and simulates both rules at n_max 300 and 1,000
+    args = ["--certificates", str(tmp_path / "seq-n300.json"), "--sigma", "0.5", "--n0", "20", "--n-max", "300",
+            "1000", "--reps", "2"]  # fmt: skip
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks/sequential_ceiling.py"), *args],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("ceiling    forward passes") == 2 and "n_max 1,000" in run.stdout

@@ -58,3 +58,29 @@ def test_a_bad_flag_is_named_before_anything_runs(name, argv, message, capsys, t
         _main(SCRIPTS[name])(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_help_imports_nothing_heavy():
+    """--help parses before torch, diffusers, sentence-transformers or mteb load (it took 8–11 s), and
+    the CLIs' choices are the lists the modules run."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, contextlib, io\n"
+        "from rrcm_diffusers import console as r\nfrom conan_st import console as c\n"
+        "for main in (r.certify, r.experiment, c.experiment, c.evaluate):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(['--help'])\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'sentence_transformers', 'mteb', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+    from conan_st import cli as conan_cli
+    from conan_st.evaluation import TASK_NAMES
+    from conan_st.experiment import RECIPES
+    from rrcm_diffusers import cli as rrcm_cli
+    from rrcm_diffusers.data import DATASETS
+
+    assert (conan_cli.RECIPES, conan_cli.TASK_NAMES, rrcm_cli.DATASETS) == (RECIPES, TASK_NAMES, DATASETS)

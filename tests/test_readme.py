@@ -4,6 +4,7 @@ process, the conan-st block on two CPU processes under ``accelerate launch``."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
@@ -51,3 +52,27 @@ def test_conan_package_readme_example_trains_on_one_process(tmp_path):
     # no DDP, so no drop_last: 24 pairs in full batches of 4, 3 epochs
     assert res["world_size"] == 1 and res["global_step"] == 18
     assert res["weights"] != res["base_weights"]
+
+
+@pytest.mark.timeout(200)
+def test_rrcm_package_readme_example_pretrains_finetunes_and_certifies(tmp_path):
+    """The example on rrcm-diffusers' own README (its index page), as written: no data of ours."""
+    script = write_script("rrcm-package", tmp_path / "rrcm_package_block.py")
+    (res,) = run_script(script, cwd=tmp_path, timeout=180)
+    assert res["pretrain_steps"] == 10
+    assert {"model_index.json", "model", "README.md"} <= set(res["final"])
+    # four certificates at n = 1,000: a class or -1, radius 0 for an abstention, below the n-cap
+    cap = 0.5 * statistics.NormalDist().inv_cdf(0.001 ** (1 / 1000))
+    assert len(res["predictions"]) == 4 and res["samples"] is None  # fixed n: no per-image counts
+    for c, r in zip(res["predictions"], res["radii"]):
+        assert (c == -1 and r == 0) or (0 <= c < 10 and 0 < r <= cap + 1e-9)
+
+
+@pytest.mark.timeout(120)
+def test_shared_dist_package_readme_example_on_two_processes(tmp_path):
+    """The example on shared-dist's own README, as written, on two CPU processes with 3 and 4 rows."""
+    script = write_script("shared-dist-package", tmp_path / "shared_dist_block.py")
+    results = sorted(run_script(script, cwd=tmp_path, processes=2, timeout=100), key=lambda r: r["rank"])
+    assert [r["rows"] for r in results] == [7, 7]
+    assert [r["slice"] for r in results] == [[0, 3], [3, 7]]
+    assert all(r["key_grad"] > 0 for r in results)

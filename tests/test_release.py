@@ -68,12 +68,22 @@ def test_wheels_install_and_run_outside_the_source_tree(tmp_path):
     python = str(venv / "bin/python")
     (res,) = run_script(write_script("rrcm", where / "rrcm_block.py"), where, python)
     assert res["steps"] == res["total_steps"] and res["reloaded_radii"] == res["radii"]
+    # the package pages' examples (their index pages), from the wheels, as written
+    (res,) = run_script(write_script("rrcm-package", where / "rrcm_package_block.py"), where, python)
+    assert len(res["predictions"]) == 4
+    shared = run_script(
+        write_script("shared-dist-package", where / "sd_block.py"), where, python, processes=2
+    )
+    assert sorted(r["rows"] for r in shared) == [7, 7]
     # the CLIs from wheels without extras: no matplotlib ([plot]) and no mteb ([mteb]) in this venv
     bin_dir, env = venv / "bin", {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
     for script in ("rrcm-certify", "rrcm-experiment", "conan-experiment"):
         assert f"usage: {script}" in _run([str(bin_dir / script), "--help"], cwd=where, timeout=300, env=env)
-    proc = subprocess.run(
-        [str(bin_dir / "conan-evaluate"), "--help"], cwd=where, capture_output=True, text=True, env=env
+    assert "usage: conan-evaluate" in _run(
+        [str(bin_dir / "conan-evaluate"), "--help"], cwd=where, timeout=300, env=env
+    )
+    proc = subprocess.run(  # help works without the extra; evaluating says how to get it
+        [str(bin_dir / "conan-evaluate"), "some-model"], cwd=where, capture_output=True, text=True, env=env
     )
     assert proc.returncode != 0 and "pip install 'conan-st[mteb]'" in proc.stderr, proc.stderr[-2000:]
     certify = [str(bin_dir / "rrcm-certify"), "--pipeline", str(where / "my-rrcm"), "--out", str(where / "cert"),

@@ -704,6 +704,10 @@ EXPERIMENT_VALUE_CASES = {  # refused at load, before any stage claims a folder
     "certify n 0": (dict(certify={"n": 0}), r"certify.n must be an integer >= 1, got 0"),
     "certify per_class -5": (dict(certify={"per_class": -5}), r"certify.per_class must be an integer >= 1"),
     "certify alpha 1": (dict(certify={"alpha": 1.0}), r"certify.alpha must be in \(0, 1\)"),
+    "certify sequential 'yes'": (
+        dict(certify={"sequential": "yes"}),
+        r"certify.sequential must be true or false, got 'yes'",
+    ),
     "sigmas negative": (dict(sigmas=[0.5, -0.25]), r"sigmas\[...\] must be a finite number > 0"),
     "sigmas empty": (dict(sigmas=[]), "sigmas must be a non-empty list"),
     "sigmas a number": (dict(sigmas=0.5), "sigmas must be a non-empty list"),

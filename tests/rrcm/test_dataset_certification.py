@@ -61,6 +61,8 @@ def _w_certify(pipe_dir, out, count, batch_size, kill_after_rounds=0):
 
     import rrcm_diffusers.dataset_certification as dc
 
+    if kill_after_rounds:
+        dc.ROUND_SECONDS = 0.0  # one image per rank per round: the kill lands between known rounds
     if kill_after_rounds and dist.get_rank() == 0:
         real_append, rounds = dc._append, [0]
 

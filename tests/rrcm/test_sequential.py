@@ -16,11 +16,16 @@ from rrcm_diffusers.certification import (
     look_points,
     lower_confidence_bound,
     radius_thresholds,
+    reachable_levels,
     sequential_bounds,
+    sequential_looks,
 )
 
 SIGMA = 0.5
 THRESHOLDS = radius_thresholds([i * SIGMA / 4 for i in range(9)], SIGMA)  # r = 0, σ/4, ..., 2σ
+THRESHOLDS_REPORT = radius_thresholds(
+    [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], SIGMA
+)  # report.RADII
 
 
 def _simulate(p: float, alpha: float, n_max: int, runs: int, seed: int):
@@ -68,7 +73,7 @@ def test_clear_images_stop_early_and_borderline_ones_use_the_budget():
     _, drawn, lower = _simulate(1.0, 0.001, 100_000, 1000, seed=0)
     assert drawn.max() <= 800 and (lower >= THRESHOLDS[-1]).all()  # robust beyond 2σ after ≤ 800
     _, drawn, _ = _simulate(0.2, 0.001, 100_000, 1000, seed=1)
-    assert drawn.max() <= 200  # an abstention is decided at once
+    assert drawn.max() == sequential_looks(100_000, 0.001, THRESHOLDS)[0]  # an abstention: at the first look
     _, drawn, _ = _simulate(THRESHOLDS[4] + 1e-4, 0.001, 100_000, 200, seed=2)
     assert np.median(drawn) == 100_000  # on a threshold: the whole budget
 
@@ -79,6 +84,41 @@ def test_look_points_double_and_end_at_n_max():
     assert look_points(80) == [80]
     with pytest.raises(ValueError, match="n_max must be a positive integer"):
         look_points(0)
+
+
+@pytest.mark.parametrize("n_max", [1000, 10_000, 100_000])
+def test_the_first_look_is_the_fewest_samples_that_can_certify_the_top_radius(n_max):
+    looks = sequential_looks(n_max, 0.001, THRESHOLDS)
+    level, first = 0.001 / len(looks), looks[0]
+    needed = reachable_levels(THRESHOLDS, n_max, level)
+    top = max(t for t, p in zip(THRESHOLDS, needed) if p <= 1)
+    # `first` straight successes certify `top`, one sample fewer would not
+    assert (
+        lower_confidence_bound(first, first, level)
+        >= top
+        > lower_confidence_bound(first - 1, first - 1, level)
+    )
+    assert looks == look_points(n_max, first)
+
+
+@pytest.mark.parametrize("n_max, level", [(1000, 0.001 / 3), (10_000, 0.05 / 6)])
+def test_reachable_levels_are_the_least_vote_fractions_that_certify(n_max, level):
+    """Against the scalar Clopper–Pearson bound, vote by vote around each threshold."""
+    for t, p in zip(THRESHOLDS, reachable_levels(THRESHOLDS, n_max, level)):
+        if p == np.inf:
+            assert lower_confidence_bound(n_max, n_max, level) < t
+            continue
+        v = round(p * n_max)
+        assert lower_confidence_bound(v, n_max, level) >= t > lower_confidence_bound(v - 1, n_max, level)
+
+
+def test_an_image_that_cannot_reach_the_next_radius_stops_before_n_max():
+    """p_A 0.01 below a threshold: to show it is below (upper bound < t) takes ~2 x n_max samples,
+    but by ~n_max / 3 the upper bound is below what the LAST look would need to certify t (~t + 0.013),
+    so the image stops there, at the radius below, instead of spending the budget."""
+    t = THRESHOLDS[4]
+    _, drawn, lower = _simulate(t - 0.01, 0.001, 10_000, 2000, seed=5)
+    assert np.median(drawn) <= 6400 and (lower < t).all() and (lower >= THRESHOLDS[3]).mean() > 0.9
 
 
 @pytest.mark.parametrize("radii", [[], [-0.5], [float("nan")]])
@@ -106,7 +146,7 @@ def test_the_certifier_matches_its_loop_and_fixed_n_is_unchanged():
     seq = certify_sequential(clf, image[None], SIGMA, n0=50, n_max=10_000, alpha=0.001,
                              generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert seq.predictions.tolist() == [0] and int(seq.samples[0]) < 10_000
-    looks = look_points(10_000)
+    looks = sequential_looks(10_000, 0.001, THRESHOLDS)
     assert lower_confidence_bound(
         int(seq.counts[0]), int(seq.samples[0]), 0.001 / len(looks)
     ) == pytest.approx(float(seq.p_lower[0]))
@@ -139,3 +179,29 @@ def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
     assert row["forward_passes"] == sum(r["samples"] for r in records) + 3 * 20
     with pytest.raises(ValueError, match=r"differs in \['radii'\]"):
         certify_dataset(pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 1.0], progress=False)
+
+
+def test_the_report_states_the_guarantee_and_where_the_samples_went():
+    from rrcm_diffusers.report import SEQUENTIAL_GUARANTEE, certify_methods, markdown_table
+
+    image = torch.full((1, 4, 4), 0.5)
+    images, labels = image[None].repeat(3, 1, 1, 1), torch.zeros(3, dtype=torch.long)
+    methods = {
+        "sure": lambda s: _threshold_classifier(image, 0.9999),
+        "unsure": lambda s: _threshold_classifier(image, 0.7),
+    }
+    rows = certify_methods(methods, images, labels, [SIGMA], n0=20, n=5000, progress=False, sequential=True)
+    for row in rows:
+        histogram = {int(k): c for k, c in row["samples_histogram"].items()}
+        assert sum(histogram.values()) == 3 and set(histogram) <= set(
+            sequential_looks(5000, 0.001, THRESHOLDS_REPORT)
+        )
+        assert row["forward_passes"] == sum(k * c for k, c in histogram.items()) + 3 * 20
+    sure, unsure = sorted(rows, key=lambda r: r["method"])
+    # a clear image stops before n_max (the grid's top radius reachable at 5,000 is 2.5σ: ~1,300 samples)
+    assert max(int(k) for k in sure["samples_histogram"]) < sure["n"]
+    assert unsure["forward_passes"] > sure["forward_passes"]  # p_A 0.7, near the threshold Φ(0.5) = 0.69
+    text = markdown_table(rows)
+    assert SEQUENTIAL_GUARANTEE in text and "- sure σ 0.5: " in text and "- unsure σ 0.5: " in text
+    fixed = certify_methods(methods, images, labels, [SIGMA], n0=20, n=500, progress=False)
+    assert SEQUENTIAL_GUARANTEE not in markdown_table(fixed)  # fixed n: the table as before

@@ -287,3 +287,30 @@ def test_launcher_reports_failure_fast():
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         launch(_w_fail, 2, timeout=50)
     assert time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------- next_index: a shared work queue
+
+
+def _w_queue(total: int) -> list[int]:
+    mine = []
+    while (k := shared_dist.next_index("queue")) < total:
+        mine.append(k)
+        time.sleep(0.002 * (dist.get_rank() + 1) ** 2)  # ranks of unequal speed
+    assert shared_dist.next_index("other") >= 0  # another key is another counter
+    return mine
+
+
+def test_next_index_hands_each_number_to_exactly_one_rank():
+    results = launch(_w_queue, 3, (60,), timeout=60)
+    taken = sorted(k for mine in results for k in mine)
+    assert taken == list(range(60))  # none twice, none lost
+    assert len(results[0]) > len(results[2]) > 0  # the fast rank took more: nobody waited for a share
+    assert all(mine == sorted(mine) for mine in results)  # each rank's numbers increase
+
+
+def test_next_index_in_one_process_counts_per_key():
+    assert [shared_dist.next_index("one-process-a") for _ in range(3)] == [0, 1, 2]
+    assert shared_dist.next_index("one-process-b") == 0
+    with pytest.raises(ValueError, match="key must be a non-empty string"):
+        shared_dist.next_index("")

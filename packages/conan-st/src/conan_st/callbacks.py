@@ -39,13 +39,15 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
 
     Args:
         store: the :class:`~conan_st.mining.NegativeStore` (see :meth:`from_pairs`).
-        queries, corpus: texts of the examples' queries and of the candidate documents.
+        queries: texts of the examples' queries.
+        corpus: texts of the candidate documents.
         positives: the examples' positive texts (kept by :meth:`from_pairs`): with them,
             :meth:`train_dataset` refuses pairs whose rows are not the mined examples.
         loss: a :class:`~conan_st.CrossGPUBalancingLoss`; with ``score_source="loss"`` its
             similarities give S_cur for free.
         interval: steps between checks (100 in the paper).
-        ratio, abs_bound: the rule's 1.15 and 0.8. S_init is the score when the window was
+        ratio: the rule's 1.15.
+        abs_bound: the rule's 0.8. S_init is the score when the window was
             assigned (see ``initial_score`` of :meth:`from_pairs` and :class:`~conan_st.mining.NegativeStore`).
             With ``score_source="loss"``, S_cur is measured in training mode (dropout on), which
             lowers cosines a little against the mining scores (eval mode); ``"rescore"`` measures

@@ -165,28 +165,15 @@ def evaluate_model(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``conan-evaluate``: parse (`conan_st.cli`), then evaluate."""
+    from .cli import evaluate_parser
+
+    run_cli(evaluate_parser().parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> None:
     from sentence_transformers import SentenceTransformer
 
-    parser = argparse.ArgumentParser(
-        prog="conan-evaluate", description="Evaluate models on the local mteb tasks; writes a table."
-    )
-    parser.add_argument("models", nargs="+", help="model folders (sentence-transformers format)")
-    parser.add_argument(
-        "--tasks", nargs="*", default=None, choices=TASK_NAMES, metavar="TASK",
-        help=f"tasks to run, of {', '.join(TASK_NAMES)} (default: all)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="the shared data folder (default: $CONAN_DATA_DIR, else ../shared/data)",
-    )
-    parser.add_argument(
-        "--out", default=None, help="prefix: writes PREFIX.json, PREFIX.md and mteb's files in PREFIX_mteb/"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cuda, cuda:1, mps or cpu (default: the accelerator if there is one)"
-    )
-    args = parser.parse_args(argv)
     tasks = local_tasks(args.data_dir, args.tasks)
     mteb_dir = args.out + "_mteb" if args.out else None
     table = {}

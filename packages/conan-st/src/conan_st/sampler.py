@@ -47,7 +47,8 @@ class TaskBalancedBatchSampler(MultiDatasetDefaultBatchSampler):
         dataset: the trainer's ``ConcatDataset`` of the two task datasets.
         batch_samplers: the trainer's per-dataset samplers (their batch size is the default;
             the retrieval one gives ``drop_last`` and the duplicate rule).
-        retrieval_batch_size, sts_batch_size: rows per step of each task (paper: 4 and 32 per GPU).
+        retrieval_batch_size: retrieval rows per step (paper: 4 per GPU).
+        sts_batch_size: STS rows per step (paper: 32 per GPU).
             ``sts_batch_size=0`` serves retrieval rows only (dynamic mining without the STS
             task); every rank must then run retrieval (``retrieval_ranks`` = world size).
         retrieval_ranks: R (must match the loss's); default ``W - 1`` (``1`` on one process).

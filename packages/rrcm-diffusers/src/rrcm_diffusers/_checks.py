@@ -8,6 +8,8 @@ import math
 import numbers
 from typing import Any
 
+DATASETS = ("mnist", "cifar10")  # the test sets the CLIs load (`rrcm_diffusers.data`)
+
 # past this the noise drowns any [0, 1] image and overflows float16 (1e300 became inf in float32 and
 # reached the model as NaN logits)
 MAX_SIGMA = 1e4

@@ -291,30 +291,62 @@ def radius_thresholds(radii: list[float], sigma: float) -> list[float]:
     return sorted({0.5, *(float(norm.cdf(r / sigma)) for r in radii)})
 
 
+def reachable_levels(thresholds: list[float], n_max: int, level: float) -> np.ndarray:
+    """For each threshold t, the vote fraction at ``n_max`` samples whose Clopper–Pearson lower
+    bound at ``level`` reaches t (``inf`` where even n_max votes out of n_max do not): the least
+    p̂ the last look needs to certify that radius."""
+    votes = np.arange(n_max + 1)  # (n_max + 1,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lower = np.where(votes > 0, beta.ppf(level, votes, n_max - votes + 1), 0.0)  # non-decreasing in votes
+    first = np.searchsorted(lower, np.asarray(thresholds, dtype=np.float64))  # (T,)
+    return np.where(first <= n_max, first / n_max, np.inf)
+
+
+def sequential_looks(n_max: int, alpha: float, thresholds: list[float]) -> list[int]:
+    """The look schedule `certify_sequential` uses: doubling up to ``n_max``, from the fewest samples
+    at which a run that never misses can certify the largest radius still reachable at ``n_max``
+    (a look before that could stop nothing but abstentions, and would cost every image α)."""
+    looks = look_points(n_max)
+    for _ in range(8):  # the first look and the number of looks depend on each other; settles in 2–3
+        level = alpha / len(looks)
+        reachable = [t for t, p in zip(thresholds, reachable_levels(thresholds, n_max, level)) if p <= 1]
+        top = reachable[-1] if reachable else thresholds[0]
+        first = min(n_max, max(1, math.ceil(math.log(level) / math.log(top))))  # level^(1/m) >= top
+        if look_points(n_max, first) == looks:
+            break
+        looks = look_points(n_max, first)
+    return looks
+
+
 def sequential_bounds(
     draw: Callable[[int, np.ndarray], np.ndarray],
     n_max: int,
     alpha: float,
     thresholds: list[float],
-    first: int = 100,
+    first: int | None = None,
     runs: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The sampling loop of `certify_sequential` on counts alone, for ``runs`` independent images at
     once (one in the certifier; 10^5 in the validity test): ``draw(k, active)`` returns, for each run
     in ``active`` (indices), its votes for the selected class among ``k`` fresh samples.
 
-    At each look point n_1 < … < n_K = ``n_max`` the one-sided Clopper–Pearson bounds at level α/K
-    are computed from all votes so far; a run stops as soon as (a) its lower bound reaches the highest
-    threshold, (b) its lower and upper bounds lie between the same two thresholds (more samples would
-    not move it to another radius of the grid, unless a bound fails), (c) its upper bound is below 1/2
-    (it will abstain), or (d) ``n_max`` samples are spent. Returns per run (votes, samples, lower bound).
+    At each look point n_1 < … < n_K = ``n_max`` (`sequential_looks`, or doubling from ``first``)
+    the one-sided Clopper–Pearson bounds at level α/K are computed from all votes so far. A run stops
+    as soon as nothing more can change its radius on the grid: every threshold is either below its
+    lower bound (certified) or out of reach, i.e. its upper bound is below the vote fraction the
+    last look would need to certify it (`reachable_levels`). That covers a lower bound past the
+    highest threshold, a bucket decided between two thresholds, and an abstention (no threshold,
+    1/2 included, within reach); otherwise it runs to ``n_max``. Returns per run (votes, samples,
+    lower bound).
 
     Guarantee (a union bound over the K looks): with probability ≥ 1 − α EVERY look's lower bound is
-    below p_A, so the one returned is, whichever look the rule stopped at. A certificate of radius
-    σΦ⁻¹(lower) is therefore wrong with probability ≤ α for every image, however early it stopped."""
-    looks = look_points(n_max, first)
+    below p_A, so the one returned is, whichever look any rule stops at. A certificate of radius
+    σΦ⁻¹(lower) is therefore wrong with probability ≤ α for every image, however early it stopped.
+    The stopping rule only decides how many samples an image gets, never the bound's level."""
+    looks = sequential_looks(n_max, alpha, thresholds) if first is None else look_points(n_max, first)
     level = alpha / len(looks)
     levels = np.asarray(thresholds, dtype=np.float64)  # (T,)
+    needed = reachable_levels(thresholds, n_max, level)  # (T,)
     votes, drawn = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
     lower = np.zeros(runs)
     active = np.arange(runs)
@@ -323,11 +355,12 @@ def sequential_bounds(
         drawn[active] = m
         v = votes[active]
         with np.errstate(invalid="ignore"):  # v = 0 (lower) and v = m (upper) are set below
-            low = np.where(v > 0, beta.ppf(level, v, m - v + 1), 0.0)
-            up = np.where(v < m, beta.ppf(1 - level, v + 1, m - v), 1.0)
+            low = np.where(v > 0, beta.ppf(level, v, m - v + 1), 0.0)  # (A,)
+            up = np.where(v < m, beta.ppf(1 - level, v + 1, m - v), 1.0)  # (A,)
         lower[active] = low
-        same_bucket = (levels[None, :] <= low[:, None]).sum(1) == (levels[None, :] <= up[:, None]).sum(1)
-        active = active[~((up < 0.5) | (low >= levels[-1]) | same_bucket)]
+        certified = (levels[None, :] <= low[:, None]).sum(1)  # (A,) thresholds already reached
+        in_reach = (needed[None, :] <= up[:, None]).sum(1)  # (A,) thresholds n_max could still reach
+        active = active[certified < in_reach]
         if active.size == 0:
             break
     return votes, drawn, lower
@@ -344,13 +377,15 @@ def certify_sequential(
     batch_size: int = 1000,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    first_look: int = 100,
+    first_look: int | None = None,
 ) -> CertifyResult:
     """CERTIFY with early stopping: the same guarantee as `certify` at a fraction of the samples.
 
     Per image: select c_A with ``n0`` samples as CERTIFY does, then draw samples in rounds (look
-    points 100, 200, 400, …, ``n_max``) and stop when the image's radius on the grid ``radii`` (the
-    radii you report; default: 0 to 2σ in steps of σ/4) is decided — see `sequential_bounds`.
+    points doubling up to ``n_max``, from the fewest samples that could certify the largest radius
+    of the grid: `sequential_looks`; or from ``first_look``) and stop when the image's radius on the
+    grid ``radii`` (the radii you report; default: 0 to 2σ in steps of σ/4) can no longer change
+    within ``n_max`` samples — see `sequential_bounds`.
     The certified radius is σΦ⁻¹ of the Clopper–Pearson lower bound at level α/K (K look points), so
     for every image, whenever it stops, P(the returned class is not the smoothed classifier's, robust
     at the returned radius) ≤ ``alpha``. The radius is exact, not rounded to the grid; only the

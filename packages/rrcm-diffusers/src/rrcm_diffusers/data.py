@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("mnist", "cifar10")
+from ._checks import DATASETS
+
 DATA_LAYOUT = "images/mnist and images/cifar10"  # what the shared data folder holds for this package
 
 

@@ -8,20 +8,22 @@ How the work is shared (why the certificates do not depend on the number of proc
 1. Image ``i``'s noise comes from its own generator, seeded from ``(seed, i)`` alone, and
    ``certify`` draws noise in fixed chunks whatever the batch size: image ``i`` gets the same
    certificate on rank 0 of 1 or on rank 5 of 8, with any ``--batch-size``, on any device.
-2. The images not certified yet are dealt round-robin to the ranks. In each round every rank
-   certifies at most one image; the round's records are gathered (a bounded collective of
-   shared-dist: a rank that dies makes the others fail within ``SHARED_DIST_TIMEOUT``, not
-   hang) and rank 0 appends them to ``OUT/certificates.jsonl``, one line per image, flushed
-   and fsync'd. Only rank 0 writes, so several machines need no shared disk.
+2. The images not certified yet form a queue: each rank takes the next one from a counter shared
+   through the process group's store (``shared_dist.next_index``), so a rank never waits behind
+   another's slow image (with sequential certification an image costs 100x another). Every
+   ``ROUND_SECONDS`` (and at least once per image) the ranks' finished records are gathered (a
+   bounded collective of shared-dist: a rank that dies makes the others fail within
+   ``SHARED_DIST_TIMEOUT``, not hang) and rank 0 appends them to ``OUT/certificates.jsonl``, one
+   line per image, flushed and fsync'd. Only rank 0 writes, so several machines need no shared disk.
 3. The same command again (any number of processes) reads that file and certifies only what
    is missing; ``OUT/run.json`` records what the run certifies (pipeline weights, images, σ,
    n0, n, α, seed) and a run that differs is refused rather than mixed in.
 4. Rank 0 writes the report (``OUT/report/``: the format of :mod:`rrcm_diffusers.report`),
    stating processes, devices, n, α and wall time.
 
-Splitting one image's ``n`` samples across ranks is not done: with at least as many images as
-processes, only the last round can leave ranks idle (500 images on 8 processes: 63 rounds,
-4 idle slots of 504, 0.8 %), and per-image generators keep the certificates exact.
+Splitting one image's ``n`` samples across ranks is not done: with the queue, a rank idles at most
+while the others finish the image they hold at the end of a round, and per-image generators keep
+the certificates exact whichever rank certifies an image.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -40,17 +41,17 @@ import torch
 from scipy.stats import norm
 from tqdm.auto import tqdm
 
-from shared_dist import broadcast_object, gather_object, get_rank, get_world_size
+from shared_dist import broadcast_object, gather_object, get_rank, next_index
 
 from ._atomic import claim_folder
-from ._checks import check_int, positive_float_arg, positive_int_arg, probability_arg
+from ._checks import check_int
 from .certification import CertifyResult, certify, certify_sequential, check_arguments, radius_thresholds
-from .data import DATASETS
 from .pipeline_dds import DDSPipeline
 from .pipeline_rrcm import RRCMPipeline
 from .report import summary_row, write_report
 
 RECORDS = "certificates.jsonl"
+ROUND_SECONDS = 30.0  # how often finished certificates are gathered and written (a kill loses at most this)
 RUN = "run.json"
 PIPELINES = {"RRCMPipeline": RRCMPipeline, "DDSPipeline": DDSPipeline}
 
@@ -172,7 +173,7 @@ def certify_dataset(
     check_int("seed", seed, 0)
     if images.shape[0]:
         pipeline._prepare(images[:1])  # the pipeline's own shape check: the wrong dataset is named here
-    rank, world, out = get_rank(), get_world_size(), Path(out)
+    rank, out = get_rank(), Path(out)
     if radii is not None:
         radius_thresholds(list(radii), sigma)  # checked before the claim, like every argument
     run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
@@ -182,24 +183,37 @@ def certify_dataset(
     # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
     done = _claim(out, run, rank)
     todo = [i for i in range(images.shape[0]) if i not in done]
-    mine = todo[rank::world]
+    queue = broadcast_object(f"rrcm-certify/{_run_id(run)}/{time.time_ns()}")  # a new counter per call
     classifier = pipeline.base_classifier(sigma)
+    settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, radii=radii)
     bar = tqdm(total=images.shape[0], initial=len(done), disable=rank != 0 or not progress, unit="img")
-    # 2. rounds: each rank certifies at most one image, then the round's records meet on rank 0
-    for k in range(math.ceil(len(todo) / world)):
-        record = None
-        if k < len(mine):
-            x = pipeline._prepare(images[mine[k] : mine[k] + 1])
-            settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, radii=radii)
+    # 2. rounds: each rank takes the next image from a shared counter until ROUND_SECONDS have passed
+    #    (at least one image), then the round's records meet on rank 0, which appends them
+    finished_everywhere = not todo
+    while not finished_everywhere:
+        records, start, exhausted = [], time.monotonic(), False
+        while not records or time.monotonic() - start < ROUND_SECONDS:
+            k = next_index(queue)
+            if k >= len(todo):
+                exhausted = True
+                break
+            i = todo[k]
             record = _certify_one(
-                classifier, x, mine[k], int(labels[mine[k]]), image_generator(seed, mine[k]), settings
+                classifier,
+                pipeline._prepare(images[i : i + 1]),
+                i,
+                int(labels[i]),
+                image_generator(seed, i),
+                settings,
             )
-            record["run"] = _run_id(run)
-        finished = [r for r in gather_object(record) if r is not None]
+            records.append({**record, "run": _run_id(run)})
+        gathered = gather_object((records, exhausted))
+        finished = [r for rank_records, _ in gathered for r in rank_records]
         if rank == 0:
             _append(out, finished)
             bar.update(len(finished))
         done.update({r["index"]: r for r in finished})
+        finished_everywhere = all(e for _, e in gathered)
     bar.close()
     return [done[i] for i in range(images.shape[0])]
 
@@ -257,7 +271,11 @@ def report_row(
         radii=torch.tensor([r["radius"] for r in records], dtype=torch.float64),
         p_lower=torch.tensor([r["p_lower"] for r in records], dtype=torch.float64),
         counts=torch.tensor([r["count"] for r in records], dtype=torch.long),
-        samples=torch.tensor([r.get("samples", n) for r in records], dtype=torch.long),
+        samples=(
+            torch.tensor([r["samples"] for r in records], dtype=torch.long)
+            if records and "samples" in records[0]
+            else None  # fixed-n CERTIFY: n each
+        ),
     )
     labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
     seconds = sum(r["seconds"] for r in records)  # compute time, summed over processes
@@ -268,94 +286,18 @@ def _device_name(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else str(device)  # accelerate says cpu:0 under DDP
 
 
-def _add_certify_options(parser: argparse.ArgumentParser) -> None:
-    """σ, n0, n, α, batch size and seed: the arguments of CERTIFY, each checked by its type."""
-    parser.add_argument(
-        "--sigma",
-        type=positive_float_arg,
-        default=0.5,
-        help="noise std in [0, 1] pixel space (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--n0",
-        type=positive_int_arg,
-        default=100,
-        help="noise samples to select the class (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--n",
-        type=positive_int_arg,
-        default=100_000,
-        help="noise samples to estimate p_A (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--alpha",
-        type=probability_arg,
-        default=0.001,
-        help="failure probability per image (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int_arg,
-        default=1000,
-        help="noisy copies per forward pass (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="noise seed (image i's noise depends on (seed, i)) (default: %(default)s)",
-    )
-
-
-def _parser() -> argparse.ArgumentParser:
-    """The options of ``rrcm-certify`` (``python -m rrcm_diffusers.dataset_certification``)."""
-    parser = argparse.ArgumentParser(
-        prog="rrcm-certify",
-        description=__doc__.splitlines()[0],
-    )
-    parser.add_argument("--pipeline", required=True, help="a saved RRCMPipeline or DDSPipeline folder")
-    parser.add_argument("--out", required=True, help="results folder (resumed if it holds this run)")
-    parser.add_argument(
-        "--dataset", choices=DATASETS, default="mnist", help="test split to certify (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="the shared data folder (default: $RRCM_DATA_DIR, else ../shared/data)",
-    )
-    parser.add_argument(
-        "--per-class",
-        type=positive_int_arg,
-        default=None,
-        help="class-balanced subset: K test images per class (default: all)",
-    )
-    parser.add_argument(
-        "--num-images",
-        type=positive_int_arg,
-        default=None,
-        help="only the first K test images (default: all)",
-    )
-    _add_certify_options(parser)
-    parser.add_argument(
-        "--name", default=None, help="the method's name in the report (default: the folder's)"
-    )
-    parser.add_argument(
-        "--radii", type=float, nargs="+", default=None, metavar="R",
-        help="the radii you report: certify sequentially, each image stopping once its radius on this grid "
-        "is decided (--n is then the most samples per image); default: fixed-n CERTIFY",
-    )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
+    """``rrcm-certify``: parse (`rrcm_diffusers.cli`), then certify."""
+    from .cli import certify_parser
+
+    parser = certify_parser()
+    run_cli(parser, parser.parse_args(argv))
+
+
+def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from .data import load_dataset, strided_class_subset
-
-    parser = _parser()
-    args = parser.parse_args(argv)
 
     state = Accelerator()  # the process group accelerate launch set up (or one process)
     images, labels = load_dataset(args.dataset, "test", args.data_dir)

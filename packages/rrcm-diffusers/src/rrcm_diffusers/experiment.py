@@ -117,6 +117,7 @@ class CertifyConfig:
     n: int = 1000
     alpha: float = 0.001
     batch_size: int = 1100
+    sequential: bool = False  # True: n is each image's most samples; it stops once its radius is decided
 
 
 def _model_defaults() -> dict[str, Any]:
@@ -205,6 +206,8 @@ class ExperimentConfig:
                 check_int(f"certify.{name}", getattr(self.certify, name), 1)
             if not 0 < self.certify.alpha < 1 or isinstance(self.certify.alpha, bool):
                 raise ValueError(f"certify.alpha must be in (0, 1), got {self.certify.alpha!r}")
+            if not isinstance(self.certify.sequential, bool):
+                raise ValueError(f"certify.sequential must be true or false, got {self.certify.sequential!r}")
         except (ValueError, TypeError) as err:
             raise ValueError(f"{err}{where}") from None
 
@@ -615,10 +618,17 @@ def _certify_and_report(
             batch_size=cc.batch_size,
             seed=cfg.seed,
             progress=r.progress,
+            sequential=cc.sequential,
         )
+    how = (
+        f"sequential CERTIFY n0={cc.n0}, n_max={cc.n} (each image stops once its radius on the table's "
+        "grid is decided: forward_passes and samples_* in results.csv)"
+        if cc.sequential
+        else f"CERTIFY n0={cc.n0}, n={cc.n}"
+    )
     notes = (
         f"{cfg.dataset} test, {len(labels)} images ({cc.per_class} per class, strided), "
-        f"CERTIFY n0={cc.n0}, n={cc.n}, alpha={cc.alpha}; noise in [0, 1] pixel space."
+        f"{how}, alpha={cc.alpha}; noise in [0, 1] pixel space."
     )
     paths = write_report(rows, r.out / "report", f"Certified accuracy (%) — {cfg.dataset}", notes)
     _write_model_cards(r, rows, methods["rRCM"])
@@ -716,18 +726,13 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rrcm-experiment", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", default=None, help="YAML file overriding the defaults (examples/rrcm/configs/*.yaml; "
-        "default: the built-in MNIST settings)",
-    )  # fmt: skip
-    parser.add_argument("--out", required=True, help="output folder (stages already there are reused)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="run once per training seed into OUT/seed{S}; "
-        "writes OUT/seeds.md (mean ± sd, paired differences over seeds) (default: the config's seed only)",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
+    """``rrcm-experiment``: parse (`rrcm_diffusers.cli`), then run."""
+    from .cli import experiment_parser
+
+    run_cli(experiment_parser().parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     cfg, progress = load_config(args.config), not args.no_progress
     if args.seeds:

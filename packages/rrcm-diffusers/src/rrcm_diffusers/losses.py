@@ -46,8 +46,8 @@ class RRCMPretrainingLoss(nn.Module):
 
     Args:
         tau: temperature τ (0.2).
-        instance_weight, consistency_weight: weights of terms 1 and 2 (1 and 1; set one to
-            0 for the ablations "consistency only" / "contrastive only").
+        instance_weight: weight of term 1 (1; 0 for the ablation "consistency only").
+        consistency_weight: weight of term 2 (1; 0 for the ablation "contrastive only").
         symmetric: both directions of term 1 (True, the spec) or a→b only (the authors' code).
     """
 
@@ -81,7 +81,8 @@ class RRCMPretrainingLoss(nn.Module):
             online: the model being trained (may be DDP-wrapped).
             target: its EMA copy.
             x: lightly augmented images (flip only), pixels in [-1, 1], (B, C, H, W).
-            view_a, view_b: two strong augmentations of the same images, (B, C, H, W).
+            view_a: a strong augmentation of the images, (B, C, H, W).
+            view_b: a second strong augmentation of the same images, (B, C, H, W).
             grid_index: n in [0, N-2], the same on every rank (``sample_grid_index``).
             num_scales: N, the current grid size.
             generator: draws ε when ``noise`` is not given.

@@ -129,11 +129,15 @@ class RRCMModel(ModelMixin, ConfigMixin):
     Parameters:
         image_size (`int`): height = width of the input.
         in_channels (`int`): channels of the input.
-        patch_size, hidden_size, depth, num_heads, mlp_ratio: sizes of the built-in ViT
-            (rRCM-B: 768/12/12; a CPU-sized config: 128/4/4, patch 4 on 28x28).
+        patch_size (`int`): patch side of the built-in ViT (4 on 28x28 in a CPU-sized config).
+        hidden_size (`int`): ViT width (rRCM-B: 768; a CPU-sized config: 128).
+        depth (`int`): ViT blocks (rRCM-B: 12; CPU-sized: 4).
+        num_heads (`int`): attention heads (rRCM-B: 12; CPU-sized: 4).
+        mlp_ratio (`float`): MLP width / hidden size.
         backbone_type (`str`): name of a registered backbone (see `rrcm_diffusers.hooks`).
         backbone_kwargs (`dict`, *optional*): extra arguments for the backbone factory.
-        projection_hidden_dim, projection_dim (`int`): projector sizes; `projection_dim=0` drops it.
+        projection_hidden_dim (`int`): projector hidden size.
+        projection_dim (`int`): projector output size; `projection_dim=0` drops the projector.
         num_classes (`int`): classifier outputs; 0 = no classifier.
         sigma_data (`float`): σ_data of the EDM parameterisation.
         num_scales (`int`): N of the Karras grid the model is conditioned on at fine-tuning and

@@ -24,9 +24,20 @@ import torch
 from scipy.stats import binomtest, bootstrap, ttest_1samp
 
 from ._atomic import write_atomic, write_text_atomic
-from .certification import CertifyResult, average_certified_radius, certified_accuracy, certify
+from .certification import (
+    CertifyResult,
+    average_certified_radius,
+    certified_accuracy,
+    certify,
+    certify_sequential,
+)
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+SEQUENTIAL_GUARANTEE = (
+    "Sequential rows: each image drew samples in rounds and stopped once its radius on the table's grid "
+    "could not change within n; its bound holds at every round at once (Clopper–Pearson at α/K over K "
+    "looks), so for every image, whenever it stopped, its certificate is wrong with probability ≤ α."
+)
 TESTED_RADII = [0.0, 0.5, 1.0]  # where the intervals and paired tests are tabulated
 SEED_RADII = [0.0, 0.25, 0.5, 0.75, 1.0]  # the radii of the over-seeds table
 
@@ -45,25 +56,22 @@ def certify_methods(
     batch_size: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    sequential: bool = False,
 ) -> list[dict[str, Any]]:
-    """Certify every method at every σ on the same images with the same noise seed."""
+    """Certify every method at every σ on the same images with the same noise seed. With
+    ``sequential``, ``n`` is the most samples an image may use: it stops once its radius on the
+    report's grid (``RADII``) cannot change (`certify_sequential`, the same α guarantee)."""
     rows = []
     for name, make in methods.items():
         for sigma in sigmas:
             clf = make(sigma)
-            gen = torch.Generator().manual_seed(seed)
+            settings = dict(n0=n0, alpha=alpha, batch_size=batch_size, progress=progress)
+            settings["generator"] = torch.Generator().manual_seed(seed)
             start = time.perf_counter()
-            res = certify(
-                clf,
-                images,
-                sigma,
-                n0=n0,
-                n=n,
-                alpha=alpha,
-                batch_size=batch_size,
-                generator=gen,
-                progress=progress,
-            )
+            if sequential:
+                res = certify_sequential(clf, images, sigma, n_max=n, radii=RADII, **settings)
+            else:
+                res = certify(clf, images, sigma, n=n, **settings)
             seconds = time.perf_counter() - start
             rows.append(summary_row(name, sigma, res, labels, n0=n0, n=n, alpha=alpha, seconds=seconds))
     return rows
@@ -103,6 +111,9 @@ def summary_row(
         "samples_mean": float(used.double().mean()) if used.numel() else 0.0,
         "samples_median": float(used.double().median()) if used.numel() else 0.0,
         "samples_p90": float(used.double().quantile(0.9)) if used.numel() else 0.0,
+        "sequential": result.samples is not None,  # certify_sequential (samples per image recorded)
+        # the histogram: images per sample count (a sequential run stops only at its look points)
+        "samples_histogram": {int(k): int(c) for k, c in zip(*torch.unique(used, return_counts=True))},
         "ci95": {f"r={r:g}": _clopper_pearson(ki, labels.numel()) for r, ki in zip(RADII, k)},
         "acr_ci95": _bootstrap_mean(per_image.clamp_min(0.0).tolist()),
         "certified_radius": per_image.tolist(),
@@ -243,6 +254,14 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: str = "")
             f"{r['ms_per_noise_sample']:.3f} | {r.get('forward_passes', '')} "
             f"({r.get('samples_median', 0):g} / {r.get('samples_p90', 0):g}) |"
         )
+    sequential = [r for r in rows if r.get("sequential")]
+    if sequential:
+        lines += ["", SEQUENTIAL_GUARANTEE, "", "Samples per image (images stopping at each look):", ""]
+        for r in sorted(sequential, key=lambda r: (r["sigma"], r["method"])):
+            looks = ", ".join(
+                f"{k:,}: {c}" for k, c in sorted(r["samples_histogram"].items(), key=lambda kv: int(kv[0]))
+            )
+            lines.append(f"- {r['method']} σ {r['sigma']:g}: {looks}")
     return "\n".join(lines) + "\n"
 
 

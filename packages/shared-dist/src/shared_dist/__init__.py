@@ -17,6 +17,7 @@ from .operations import (
     is_debug_mode,
     is_distributed,
     local_slice,
+    next_index,
     reduce,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "is_debug_mode",
     "is_distributed",
     "local_slice",
+    "next_index",
     "reduce",
 ]

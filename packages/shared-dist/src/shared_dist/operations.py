@@ -78,6 +78,7 @@ __all__ = [
     "is_debug_mode",
     "is_distributed",
     "local_slice",
+    "next_index",
     "reduce",
 ]
 
@@ -124,14 +125,17 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
 
 
 def get_world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Processes in ``group`` (default: the world); 1 without an initialised process group."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def get_rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (default: the world); 0 without an initialised process group."""
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
 def is_debug_mode() -> bool:
+    """Whether ``SHARED_DIST_DEBUG`` or accelerate's ``ACCELERATE_DEBUG_MODE`` is set to a true value."""
     flags = (os.environ.get("SHARED_DIST_DEBUG", ""), os.environ.get("ACCELERATE_DEBUG_MODE", ""))
     # accelerate's truthy values (accelerate.utils.str_to_bool), so ACCELERATE_DEBUG_MODE reads alike
     return any(f.strip().lower() in ("y", "yes", "t", "true", "on", "1") for f in flags)
@@ -614,6 +618,31 @@ def check_same(value: Any, name: str = "value", *, group: dist.ProcessGroup | No
     if any(v != values[0] for v in values):
         lines = "\n".join(f"  rank {r}: {v!r}" for r, v in enumerate(values))
         raise DistributedOperationError(f"{name} differs across ranks:\n{lines}")
+
+
+_LOCAL_COUNTERS: dict[str, int] = {}
+
+
+def next_index(key: str) -> int:
+    """The next number of the counter ``key``, shared by every rank: 0, 1, 2, … in the order the
+    calls arrive, each number handed out exactly once.
+
+    A work queue without a collective: ranks call it as often as they like, so a rank that
+    finished its item takes the next one instead of waiting behind another rank's slow item
+    (``rrcm_diffusers.certify_dataset`` hands out images with it). It uses the key-value store
+    of the default process group (the rendezvous store of ``init_process_group``); in one process, a
+    local counter. Use a new ``key`` for each queue (broadcast one from rank 0).
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string, got {key!r}")
+    if not is_distributed():
+        value = _LOCAL_COUNTERS[key] = _LOCAL_COUNTERS.get(key, -1) + 1
+        return value
+    store = dist.distributed_c10d._get_default_store()  # torch's own handle on the rendezvous store
+    try:
+        return int(store.add(f"shared_dist/next_index/{key}", 1)) - 1
+    except RuntimeError as err:  # the store's host (rank 0's machine) is gone
+        raise DistributedOperationError(f"next_index({key!r}) failed on rank {get_rank()}: {err}") from err
 
 
 def barrier(*, group: dist.ProcessGroup | None = None) -> None:
