@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-RECIPES = ("mnrl", "mnrl_mined", "conan")  # conan_st.experiment.RECIPES
+RECIPES = ("mnrl", "mnrl_mined", "conan")  # what conan_st.experiment trains (it imports this)
 TASK_NAMES = (
     "CMRC2018Local",
     "CranfieldLocal",
     "STSBzhLocal",
     "STSBenLocal",
-)  # conan_st.evaluation.TASK_NAMES
+)  # the local mteb tasks of conan_st.evaluation (it imports this)
 
 
 def positive_int(text: str) -> int:

@@ -25,6 +25,7 @@ except ImportError as err:  # pragma: no cover - depends on what is installed
     ) from err
 
 from .checkpoints import write_text_atomic
+from .cli import TASK_NAMES  # noqa: F401  (the task names, re-exported where the tasks are)
 from .data import default_data_dir, load_beir, load_sts
 
 _COMMON: dict[str, Any] = dict(
@@ -108,9 +109,6 @@ class LocalSTSTask(AbsTaskSTS):
             return
         self.dataset = {"test": load_sts(self.path)}
         self.data_loaded = True
-
-
-TASK_NAMES = ("CMRC2018Local", "CranfieldLocal", "STSBzhLocal", "STSBenLocal")
 
 
 def local_tasks(

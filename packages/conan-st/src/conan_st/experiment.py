@@ -33,12 +33,12 @@ from sentence_transformers.util import mine_hard_negatives
 
 from .callbacks import DynamicHardNegativeMiningCallback
 from .checkpoints import last_complete_checkpoint, write_text_atomic
+from .cli import RECIPES
 from .data import default_data_dir, load_sts, make_balanced_datasets, retrieval_pairs
 from .losses import CrossGPUBalancingLoss
 from .mining import NegativeStore
 from .sampler import TaskBalancedBatchSampler
 
-RECIPES = ("mnrl", "mnrl_mined", "conan")
 WINDOW_RULES = ("paper", "always", "random")
 
 

@@ -11,6 +11,7 @@ the batch size for a fixed generator.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -295,11 +296,25 @@ def reachable_levels(thresholds: list[float], n_max: int, level: float) -> np.nd
     """For each threshold t, the vote fraction at ``n_max`` samples whose Clopper–Pearson lower
     bound at ``level`` reaches t (``inf`` where even n_max votes out of n_max do not): the least
     p̂ the last look needs to certify that radius."""
-    votes = np.arange(n_max + 1)  # (n_max + 1,)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lower = np.where(votes > 0, beta.ppf(level, votes, n_max - votes + 1), 0.0)  # non-decreasing in votes
-    first = np.searchsorted(lower, np.asarray(thresholds, dtype=np.float64))  # (T,)
-    return np.where(first <= n_max, first / n_max, np.inf)
+    target = np.asarray(thresholds, dtype=np.float64)  # (T,)
+    lo, hi = np.zeros(target.shape, np.int64), np.full(target.shape, n_max + 1)  # the answer is in [lo, hi]
+    while (lo < hi).any():  # bisection: the bound is non-decreasing in the votes; ~log2(n_max) rounds
+        mid = (lo + hi) // 2  # (T,) <= n_max
+        with np.errstate(invalid="ignore", divide="ignore"):
+            low = np.where(mid > 0, beta.ppf(level, np.maximum(mid, 1), n_max - mid + 1), 0.0)  # (T,)
+        reached, open_ = low >= target, lo < hi
+        hi = np.where(open_ & reached, mid, hi)
+        lo = np.where(open_ & ~reached, mid + 1, lo)
+    return np.where(lo <= n_max, lo / n_max, np.inf)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(n_max: int, alpha: float, thresholds: tuple[float, ...], first: int | None):
+    """Looks, per-look level and reachable levels: the same for every image of a call (and of most
+    calls), so computed once, not once per image."""
+    looks = sequential_looks(n_max, alpha, list(thresholds)) if first is None else look_points(n_max, first)
+    level = alpha / len(looks)
+    return tuple(looks), level, tuple(reachable_levels(list(thresholds), n_max, level))
 
 
 def sequential_looks(n_max: int, alpha: float, thresholds: list[float]) -> list[int]:
@@ -343,10 +358,9 @@ def sequential_bounds(
     below p_A, so the one returned is, whichever look any rule stops at. A certificate of radius
     σΦ⁻¹(lower) is therefore wrong with probability ≤ α for every image, however early it stopped.
     The stopping rule only decides how many samples an image gets, never the bound's level."""
-    looks = sequential_looks(n_max, alpha, thresholds) if first is None else look_points(n_max, first)
-    level = alpha / len(looks)
+    looks, level, needed = _schedule(n_max, alpha, tuple(thresholds), first)
     levels = np.asarray(thresholds, dtype=np.float64)  # (T,)
-    needed = reachable_levels(thresholds, n_max, level)  # (T,)
+    needed = np.asarray(needed)  # (T,)
     votes, drawn = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
     lower = np.zeros(runs)
     active = np.arange(runs)

@@ -183,7 +183,8 @@ def certify_dataset(
     # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
     done = _claim(out, run, rank)
     todo = [i for i in range(images.shape[0]) if i not in done]
-    queue = broadcast_object(f"rrcm-certify/{_run_id(run)}/{time.time_ns()}")  # a new counter per call
+    run_id = _run_id(run)  # every line carries it
+    queue = broadcast_object(f"rrcm-certify/{run_id}/{time.time_ns()}")  # a new counter per call
     classifier = pipeline.base_classifier(sigma)
     settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, radii=radii)
     bar = tqdm(total=images.shape[0], initial=len(done), disable=rank != 0 or not progress, unit="img")
@@ -206,7 +207,7 @@ def certify_dataset(
                 image_generator(seed, i),
                 settings,
             )
-            records.append({**record, "run": _run_id(run)})
+            records.append({**record, "run": run_id})
         gathered = gather_object((records, exhausted))
         finished = [r for rank_records, _ in gathered for r in rank_records]
         if rank == 0:
