@@ -102,7 +102,7 @@ def main() -> None:
     from accelerate import Accelerator
     from sentence_transformers import SentenceTransformer
 
-    from conan_st.experiment import default_model_path, evaluate, train_recipe
+    from conan_st.experiment import ConanSettings, RecipeConfig, default_model_path, evaluate, train_recipe
     from rrcm_diffusers.experiment import load_config
     from rrcm_diffusers.experiment import run as run_rrcm
 
@@ -119,22 +119,21 @@ def main() -> None:
     t0 = time.perf_counter()
     # two passes over a subset of the queries: a window moved in the first pass is trained on in the second
     if args.quick:
-        conan_args = dict(steps=6, train_queries=24, batch_size=8, sts_batch_size=8, check_interval=3)
+        conan_config = RecipeConfig(
+            "conan", steps=6, train_queries=24, batch_size=8, num_negatives=2,
+            conan=ConanSettings(sts_batch_size=8, check_interval=3),
+        )  # fmt: skip
     else:
-        conan_args = dict(steps=50, train_queries=400, check_interval=10)
+        conan_config = RecipeConfig(
+            "conan", steps=50, train_queries=400, num_negatives=2, conan=ConanSettings(check_interval=10)
+        )
     max_queries = 200 if args.quick else None
     saved = out / "conan" / "model"
     if args.resume and (saved / "modules.json").is_file() and (out / "conan" / "record.json").is_file():
         model = SentenceTransformer(str(saved), device="cpu")
         record = json.loads((out / "conan" / "record.json").read_text())
     else:
-        model, record = train_recipe(
-            "conan",
-            out / "conan" / "run",
-            data_dir=data_dir,
-            num_negatives=2,
-            **conan_args,
-        )
+        model, record = train_recipe(conan_config, out / "conan" / "run", data_dir=data_dir)
         if accelerator.is_main_process:
             model.save(str(saved))
             (out / "conan" / "record.json").write_text(json.dumps(record, default=str))

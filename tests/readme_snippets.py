@@ -27,7 +27,7 @@ loader = torch.utils.data.DataLoader(
     torch.utils.data.TensorDataset(_x, _x.flip(-1), _x.flip(-2)), batch_size=8
 )  # (x, view_a, view_b)
 total_steps = len(loader)
-images = torch.rand(2, 1, 28, 28, generator=_g)  # test images in [0, 1]
+images = torch.rand(1, 1, 28, 28, generator=_g)  # a test image in [0, 1]: certifying costs 20k passes each
 """
 
 RRCM_EPILOGUE = """
@@ -121,15 +121,24 @@ BLOCKS = {  # name -> (README, heading above the block)
 }
 
 
-def write_script(block: str, path: Path, data_dir: Path = DATA) -> Path:
-    """A standalone script: prelude (your data) + the README block as written + epilogue."""
+def write_script(block: str, path: Path, data_dir: Path = DATA, swap: dict[str, str] | None = None) -> Path:
+    """A standalone script: prelude (your data) + the README block as written + epilogue.
+
+    ``swap``: text of the block to replace (each must occur), for what the README offers in a
+    comment as the alternative to a line (the cached loss)."""
     readme, heading = BLOCKS[block]
     prelude, epilogue = {
         "rrcm": (RRCM_PRELUDE, RRCM_EPILOGUE),
         "rrcm-package": ("", PACKAGE_RRCM_EPILOGUE),  # the block brings its own stand-in data
         "shared-dist-package": ("", SHARED_DIST_EPILOGUE),
     }.get(block) or (CONAN_PRELUDE.format(data=data_dir), CONAN_EPILOGUE % MODEL_ID)
-    path.write_text(prelude + f"\n# ---- {readme.name}, as written\n" + snippet(heading, readme) + epilogue)
+    code = snippet(heading, readme)
+    for old, new in (swap or {}).items():
+        if old not in code:
+            raise AssertionError(f"{old!r} is not in the {block!r} block of {readme.name}")
+        code = code.replace(old, new, 1)
+    how = "as written" if not swap else "with " + "; ".join(swap.values())
+    path.write_text(prelude + f"\n# ---- {readme.name}, {how}\n" + code + epilogue)
     return path
 
 

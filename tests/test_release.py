@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.readme_snippets import DATA, run_conan_block, run_script, write_script
+from tests.readme_snippets import DATA, hub_cache, run_conan_block, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["shared-dist", "rrcm-diffusers", "conan-st"]
@@ -75,6 +75,15 @@ def test_wheels_install_and_run_outside_the_source_tree(tmp_path):
         write_script("shared-dist-package", where / "sd_block.py"), where, python, processes=2
     )
     assert sorted(r["rows"] for r in shared) == [7, 7]
+    # conan-st's page example (moved here from test_readme.py: MiniLM training takes 25 s): no DDP,
+    # so no drop_last: 24 pairs in full batches of 4, 3 epochs
+    (res,) = run_script(
+        write_script("conan-package", where / "conan_package_block.py"),
+        where,
+        python,
+        env={"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub"))},
+    )
+    assert res["world_size"] == 1 and res["global_step"] == 18 and res["weights"] != res["base_weights"]
     # the CLIs from wheels without extras: no matplotlib ([plot]) and no mteb ([mteb]) in this venv
     bin_dir, env = venv / "bin", {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
     for script in ("rrcm-certify", "rrcm-experiment", "conan-experiment"):

@@ -25,7 +25,10 @@ Arms (``ARMS``): the three recipes; ``conan_sts0.2`` (β = 0.2 instead of the pa
 ``dhnm`` (dynamic mining alone, no STS rows); ``mnrl_3x`` (MNRL at 3x the steps: about conan's
 wall time, equal compute); ``dhnm_static`` (``dhnm`` with windows that never move); ``dhnm_always``
 and ``dhnm_random``: ``dhnm`` with the paper's rule replaced by its two controls (every observed
-window moves on at every check; a random window of the candidate list).
+window moves on at every check; a random window of the candidate list: ``controls.py``);
+``mnrl_cached`` and ``conan_cached``: sentence-transformers' CachedMultipleNegativesRankingLoss and
+conan with CachedCrossGPUBalancingLoss, ``--mini-batch-size`` texts per forward pass (for batches
+beyond memory: ``--batch-size 128``).
 """
 
 from __future__ import annotations
@@ -36,19 +39,22 @@ import os
 import random
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from controls import ControlStore  # this folder's: the window-rule controls are not in the library
 from scipy import stats
 from transformers import TrainerCallback
 
 from conan_st.checkpoints import write_text_atomic
-from conan_st.experiment import default_model_path, evaluate, train_recipe
+from conan_st.experiment import ConanSettings, RecipeConfig, default_model_path, evaluate, train_recipe
+from conan_st.mining import NegativeStore
 
 TASKS = ("CMRC2018Local", "CranfieldLocal", "STSBzhLocal", "STSBenLocal")
 # each arm is paired with those listed before it
-REFERENCES = ("mnrl", "mnrl_mined", "conan", "conan_static", "dhnm")
+REFERENCES = ("mnrl", "mnrl_mined", "conan", "conan_static", "dhnm", "mnrl_cached")
 ARMS: dict[str, dict] = {
     "mnrl": dict(recipe="mnrl"),
     "mnrl_mined": dict(recipe="mnrl_mined"),
@@ -62,7 +68,34 @@ ARMS: dict[str, dict] = {
     "dhnm_always": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, window_rule="always"),
     "dhnm_random": dict(recipe="conan", sts_weight=0.0, sts_batch_size=0, window_rule="random"),
     "mnrl_3x": dict(recipe="mnrl", steps_factor=3),
+    # GradCache (--mini-batch-size texts at a time): the anchor, and conan with the cached loss
+    "mnrl_cached": dict(recipe="mnrl", cached=True),
+    "conan_cached": dict(recipe="conan", cached=True),
 }
+
+
+def recipe_config(arm: dict, args: argparse.Namespace, seed: int) -> RecipeConfig:
+    """The typed config of one arm: its conan settings (a control store for the window-rule
+    controls), cached when the arm says so."""
+    arm = dict(arm)
+    recipe, rule = arm.pop("recipe"), arm.pop("window_rule", "paper")
+    steps = args.steps * arm.pop("steps_factor", 1)
+    mini_batch_size = args.mini_batch_size if arm.pop("cached", False) else None
+    conan = None
+    if recipe == "conan":
+        store = NegativeStore if rule == "paper" else partial(ControlStore, rule=rule, seed=seed)
+        conan = ConanSettings(check_interval=args.check_interval, store_class=store, **arm)
+    return RecipeConfig(
+        recipe,
+        steps=steps,
+        batch_size=args.batch_size,
+        num_negatives=args.num_negatives,
+        max_seq_length=args.max_seq_length,
+        seed=seed,
+        train_queries=args.train_queries,
+        mini_batch_size=mini_batch_size,
+        conan=conan,
+    )
 
 
 class _Curve(TrainerCallback):
@@ -188,6 +221,12 @@ def main() -> None:
         "--train-queries", type=int, default=None, help="first k training queries (default: all)"
     )
     parser.add_argument("--check-interval", type=int, default=25, help="steps between mining checks (conan)")
+    parser.add_argument(
+        "--mini-batch-size",
+        type=int,
+        default=32,
+        help="texts per forward pass of the *_cached arms (GradCache)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--recipes", nargs="+", choices=list(ARMS), default=["mnrl", "mnrl_mined", "conan"])
     parser.add_argument(
@@ -210,21 +249,12 @@ def main() -> None:
             key = f"{recipe}/seed{seed}"
             if key in results:  # done in an earlier invocation
                 continue
-            arm = dict(ARMS[recipe])
             curve = _Curve(args.curve_every) if args.curve_every else None
             model, rec = train_recipe(
-                arm.pop("recipe"),
+                recipe_config(ARMS[recipe], args, seed),
                 out / key,
-                steps=args.steps * arm.pop("steps_factor", 1),
-                batch_size=args.batch_size,
-                num_negatives=args.num_negatives,
-                max_seq_length=args.max_seq_length,
-                seed=seed,
-                train_queries=args.train_queries,
-                check_interval=args.check_interval,
                 progress=False,
                 callbacks=[curve] if curve else None,
-                **arm,
             )
             results[key] = evaluate(model, tasks=TASKS)
             records[key] = {k: v for k, v in rec.items() if k != "loss_log"}

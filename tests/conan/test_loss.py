@@ -84,6 +84,40 @@ def test_config_and_citation():
 
 # ------------------------------------------------------------------ several processes
 
+# (world, case, args): the cases of one world size run in order on the same processes, one launch
+# per world size; a refused step leaves the ranks in step for the next case
+CASES = {
+    2: [("grads", 2, (0, 1)), ("grads", 1, (1,)), ("positives",), ("mismatched",)],
+    3: [("grads", 2, (2,))],
+}
+
+
+def _w_cases(cases: list[tuple]) -> list:
+    out = []
+    for name, *args in cases:
+        if name == "grads":  # (retrieval ranks, ranks with an STS batch)
+            world = dist.get_world_size()
+            retrieval_ranks, sts_on = args
+            out.append(
+                _w_grads(retrieval_ranks, 4, [_sts(10 + r) if r in sts_on else None for r in range(world)])
+            )
+        elif name == "positives":
+            out.append(_w_positive_gathering_would_hurt())
+        else:  # rank 1 brings 3 negatives instead of 2
+            _, _, negs, *_ = _inputs(m=4)
+            out.append(_w_grads(2, 4, [None, None], [negs[:, :2], negs[:, :3]]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran():
+    """``ran(world, name, *args)``: the per-rank results of that case."""
+    results = {}
+    for world, cases in CASES.items():
+        per_rank = launch(_w_cases, world, (cases,), timeout=180)
+        results.update({repr((world, *case)): [rank[i] for rank in per_rank] for i, case in enumerate(cases)})
+    return lambda *case: results[repr(case)]
+
 
 def _w_grads(retrieval_ranks: int, m: int, sts_batches: list, negs_override=None):
     rank = dist.get_rank()
@@ -131,10 +165,10 @@ def _sts(seed):
         (2, 1, [1]),  # 1 retrieval rank (all negatives), 1 STS rank
     ],
 )
-def test_gradients_match_one_process_on_concatenated_negatives(world, retrieval_ranks, sts_on):
+def test_gradients_match_one_process_on_concatenated_negatives(world, retrieval_ranks, sts_on, ran):
     m = 4
     sts_batches = [_sts(10 + r) if r in sts_on else None for r in range(world)]
-    results = launch(_w_grads, world, (retrieval_ranks, m, sts_batches), timeout=120)
+    results = ran(world, "grads", retrieval_ranks, tuple(sts_on))
     ref_ret, ref_grads = _reference(m, sts_batches)
     for rank, res in enumerate(results):
         if rank < retrieval_ranks:
@@ -158,8 +192,8 @@ def _w_positive_gathering_would_hurt():
 
 
 @pytest.mark.distributed
-def test_gathering_positives_would_create_false_negatives():
-    wrong = launch(_w_positive_gathering_would_hurt, 2, timeout=60)[0]
+def test_gathering_positives_would_create_false_negatives(ran):
+    wrong = ran(2, "positives")[0]
     enc = Encoder()
     q, p, *_ = _inputs(m=2)
     right = F.cross_entropy(
@@ -169,17 +203,15 @@ def test_gathering_positives_would_create_false_negatives():
 
 
 @pytest.mark.distributed
-def test_mismatched_negative_counts_across_ranks_raise():
-    _, _, negs, *_ = _inputs(m=4)
-    override = [negs[:, :2], negs[:, :3]]  # rank 1 brings 3 negatives instead of 2
-    results = launch(_w_grads, 2, (2, 4, [None, None], override), timeout=60)
+def test_mismatched_negative_counts_across_ranks_raise(ran):
+    results = ran(2, "mismatched")
     for msg in results:
         assert isinstance(msg, str) and msg.startswith("DistributedOperationError"), msg
         assert "rank 0: 6" in msg and "rank 1: 9" in msg, msg
 
 
 @pytest.mark.parametrize("scores, warns", [([3.0], True), ([2.0, 2.0], True), ([1.0, 4.0], False)])
-def test_an_sts_batch_without_signal_is_said_once(minilm, scores, warns):
+def test_an_sts_batch_without_signal_is_said_once(tiny, scores, warns):
     """CoSENT of one pair (fit()'s DataLoader(examples): batch size 1) or of equal scores is 0: the
     STS half would never train, silently."""
     import warnings
@@ -195,8 +227,8 @@ def test_an_sts_batch_without_signal_is_said_once(minilm, scores, warns):
         }
     )
     rows = make_balanced_datasets(retrieval_ds(2, 1), sts)["sts"]
-    feats, labels = collate(minilm, [rows[i] for i in range(len(rows))])
-    loss = CrossGPUBalancingLoss(minilm)
+    feats, labels = collate(tiny, [rows[i] for i in range(len(rows))])
+    loss = CrossGPUBalancingLoss(tiny)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss(feats, labels)

@@ -18,9 +18,9 @@ from conan_st import (
 )
 from conan_st import hooks as conan_hooks
 from conan_st.builtin_plugins import FaissSearch, TorchSearch
-from conan_st.experiment import ControlStore
 from conan_st.labels import id_to_label, label_to_id
 from conan_st.pairs import filter_prompt_response_pairs
+from examples.conan.controls import ControlStore
 from shared_dist.testing import launch
 
 
@@ -273,17 +273,17 @@ def test_search_backend_plugin_by_entry_point(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ bad input
 
 
-def test_bad_mining_input(minilm):
-    tiny = Dataset.from_dict({"anchor": ["a", "b"], "positive": ["pa", "pb"]})
+def test_bad_mining_input(tiny):
+    two = Dataset.from_dict({"anchor": ["a", "b"], "positive": ["pa", "pb"]})
     with pytest.raises(ValueError, match="smaller than one window"):
         DynamicHardNegativeMiningCallback.from_pairs(
-            minilm, tiny, num_negatives=2, loss=CrossGPUBalancingLoss(minilm)
+            tiny, two, num_negatives=2, loss=CrossGPUBalancingLoss(tiny)
         )
     with pytest.raises(ValueError, match=r"missing columns \['positive'\]"):
-        DynamicHardNegativeMiningCallback.from_pairs(minilm, tiny.remove_columns("positive"))
+        DynamicHardNegativeMiningCallback.from_pairs(tiny, two.remove_columns("positive"))
     st = store(q=2, depth=30)
     with pytest.raises(ValueError, match="candidate id 129 is not in the corpus of 50 documents"):
-        dynamic_negatives_dataset(tiny, st, [f"d{i}" for i in range(50)])
+        dynamic_negatives_dataset(two, st, [f"d{i}" for i in range(50)])
     with pytest.raises(ValueError, match="score_source='loss' needs the loss"):
         DynamicHardNegativeMiningCallback(st, ["a", "b"], ["x"] * 200)
     with pytest.raises(ValueError, match="corpus is empty"):

@@ -30,7 +30,7 @@ JOB = textwrap.dedent(
     from transformers.trainer_callback import TrainerState
     from conan_st import (CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, TaskBalancedBatchSampler,
                           last_complete_checkpoint, make_balanced_datasets)
-    from tests.conan.helpers import DOCS, PAIRS, load_minilm, sts_rows
+    from tests.conan.helpers import DOCS, PAIRS, load_tiny, sts_rows
 
     out, steps, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     where, _, at = kill.partition(":")
@@ -59,7 +59,7 @@ JOB = textwrap.dedent(
         TrainerState.save_to_json = half_then_die
 
     torch.manual_seed(0)
-    model = load_minilm()
+    model = load_tiny(os.environ["TINY_MODEL"])  # the mechanics of resume, not MiniLM's quality
     loss = CrossGPUBalancingLoss(model)
     cb = DynamicHardNegativeMiningCallback.from_pairs(
         model, PAIRS, num_negatives=2, depth=30, skip=10, extra_documents=DOCS, loss=loss,
@@ -79,8 +79,9 @@ JOB = textwrap.dedent(
 )
 
 
-def _job(out, kill: str = "none") -> subprocess.CompletedProcess:
+def _job(out, model_path: str, kill: str = "none") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["TINY_MODEL"] = model_path
     env["CONAN_ST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", JOB, str(out), str(STEPS), kill],
@@ -108,9 +109,9 @@ def _final(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert _job(out).returncode == 0
+    assert _job(out, tiny_path).returncode == 0
     return _final(out)
 
 
@@ -121,14 +122,14 @@ def uninterrupted(tmp_path_factory):
     [("step:5", 4), ("step:7", 6), ("save:6", 4), ("state:6", 4)],
     ids=["mid-step-5", "mid-step-7", "after-weights-before-store", "store-half-written"],
 )
-def test_killed_training_resumes_bit_exactly(kill, resumes_from, uninterrupted, tmp_path):
-    assert _job(tmp_path, kill).returncode == -9
+def test_killed_training_resumes_bit_exactly(kill, resumes_from, uninterrupted, tmp_path, tiny_path):
+    assert _job(tmp_path, tiny_path, kill).returncode == -9
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{resumes_from}")
     if kill.startswith(("save", "state")):  # the half-written checkpoint-6 is skipped, with the reason
         assert [str(w.message) for w in caught] and "checkpoint-6" in str(caught[0].message)
-    resumed = _job(tmp_path)
+    resumed = _job(tmp_path, tiny_path)
     assert resumed.returncode == 0
     weights, logs, store = _final(tmp_path)
     ref_weights, ref_logs, ref_store = uninterrupted

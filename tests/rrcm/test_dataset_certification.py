@@ -91,18 +91,34 @@ def _w_certify(pipe_dir, out, count, batch_size, kill_after_rounds=0):
     return _strip(records)
 
 
+def _w_certify_each(pipe_dir, runs: list[tuple]) -> list:
+    return [_w_certify(pipe_dir, out, count, batch_size) for out, count, batch_size in runs]
+
+
+@pytest.fixture(scope="module")
+def runs(pipe_dir, tmp_path_factory):
+    """``runs(world, count, batch_size)``: (per-rank records, folder); one launch per world size."""
+    cases = {2: [(7, 50)], 3: [(7, 30), (2, 7)]}
+    done = {}
+    for world, settings in cases.items():
+        folders = [tmp_path_factory.mktemp(f"w{world}") for _ in settings]
+        args = [(folder, count, batch) for folder, (count, batch) in zip(folders, settings)]
+        per_rank = launch(_w_certify_each, world, (pipe_dir, args), timeout=180)
+        for i, ((count, batch), folder) in enumerate(zip(settings, folders)):
+            done[world, count, batch] = ([rank[i] for rank in per_rank], folder)
+    return lambda *case: done[case]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "world,count,batch_size",
     [(2, 7, 50), (3, 7, 30), (3, 2, 7)],
     ids=["2 procs, 4+3 images", "3 procs, 3+2+2 images", "3 procs, 1+1+0 images"],
 )
-def test_certificates_do_not_depend_on_processes_or_batch_size(
-    world, count, batch_size, pipe_dir, reference, tmp_path
-):
-    results = launch(_w_certify, world, (pipe_dir, tmp_path, count, batch_size), timeout=120)
+def test_certificates_do_not_depend_on_processes_or_batch_size(world, count, batch_size, runs, reference):
+    results, folder = runs(world, count, batch_size)
     assert all(r == reference[:count] for r in results)  # every rank returns the merged records
-    written = read_records(tmp_path)  # in the order the rounds finished
+    written = read_records(folder)  # in the order the rounds finished
     assert _strip([written[i] for i in sorted(written)]) == reference[:count]
 
 

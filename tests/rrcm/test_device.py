@@ -60,15 +60,19 @@ def _pipe(device: str) -> RRCMPipeline:
 
 
 @cuda
-def test_cpu_generator_gives_the_same_certificates_on_cuda():
+def test_cpu_generator_gives_the_same_certificates_on_cuda_up_to_float_ties():
     images = torch.rand(3, 1, 28, 28)
     out = {}
     for device in ("cpu", "cuda"):
         out[device] = _pipe(device).certify(
             images.to(device), sigma=0.5, n0=50, n=500, generator=torch.Generator().manual_seed(0)
         )
-    # same noise (drawn on the CPU generator, then moved); logits may differ in the last bits
-    assert (out["cpu"].predictions == out["cuda"].predictions.cpu()).float().mean() >= 2 / 3
+    # same noise (drawn on the CPU generator, then moved); logits may differ in the last bits, so a
+    # sample at a class boundary may vote otherwise: a vote moves a radius by ~0.01 at n = 500
+    cpu, cuda = out["cpu"], out["cuda"]
+    same = cpu.predictions == cuda.predictions.cpu()
+    assert same.float().mean() >= 2 / 3
+    torch.testing.assert_close(cpu.radii[same], cuda.radii.cpu()[same], rtol=0, atol=0.05)
 
 
 @cuda

@@ -25,6 +25,7 @@ JOB = textwrap.dedent(
     import os, signal, sys
     import torch
     from accelerate import Accelerator
+    import rrcm_diffusers.checkpointing as checkpointing
     import rrcm_diffusers.training as training
     from rrcm_diffusers.data import load_mnist
     from tests.rrcm.helpers import tiny_model
@@ -41,14 +42,14 @@ JOB = textwrap.dedent(
 
         training.update_ema = update_then_maybe_die
         if os.environ.get("KILL_IN_SAVE"):  # die while a checkpoint is half written
-            real_save = training.save_optimizer
+            real_save = checkpointing.save_optimizer
 
             def save_then_die(optimizer, path):
                 if path.parent.name == f"checkpoint-{kill_at}.tmp":
                     os.kill(os.getpid(), signal.SIGKILL)
                 real_save(optimizer, path)
 
-            training.save_optimizer = save_then_die
+            checkpointing.save_optimizer = save_then_die
             training.update_ema = real_update
     x, _ = load_mnist("train", os.environ["DATA"])
     cfg = training.PretrainConfig(steps=steps, batch_size=16, warmup_steps=2, checkpoint_every=2, log_every=1)
@@ -76,13 +77,20 @@ def _final(out):
     return load_file(str(out / f"checkpoint-{STEPS}" / "online" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """The run every killed-and-resumed run must equal, trained once for all of them."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert _job(out, 0, data_dir) == 0
+    return out
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "kill_at,in_save", [(5, False), pytest.param(7, False, marks=pytest.mark.slow), (6, True)]
 )
-def test_killed_pretraining_resumes_bit_exactly(kill_at, in_save, tmp_path, data_dir):
-    ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
-    assert _job(ref, 0, data_dir) == 0
+def test_killed_pretraining_resumes_bit_exactly(kill_at, in_save, uninterrupted, tmp_path, data_dir):
+    ref, run = uninterrupted, tmp_path / "killed"
     assert _job(run, kill_at, data_dir, kill_in_save=in_save) == -9
     if in_save:  # the half-written checkpoint is a .tmp folder, never taken for a checkpoint
         assert (run / f"checkpoint-{kill_at}.tmp").is_dir() and not (run / f"checkpoint-{kill_at}").exists()

@@ -48,6 +48,31 @@ def test_bad_argument_is_named(case):
         run()
 
 
+# Cases that fail in step on every rank share one launch of 2 processes (debug mode is read at each
+# call, so each case sets its own); the cases that wait out a timeout keep a launch of their own.
+CASES = [("dict order", "0"), ("dict order", "1"), ("reduce", "0", "shape"), ("reduce", "0", "structure"),
+         ("reduce", "0", "key order"), ("structures", "0"), ("structures", "1")]  # fmt: skip
+
+
+def _w_cases(cases: list[tuple]) -> list:
+    import os
+
+    workers = {"dict order": _w_dict_order, "reduce": _w_reduce_mismatch, "structures": _w_gather_structures}
+    out = []
+    for name, debug, *args in cases:
+        os.environ["SHARED_DIST_DEBUG"] = debug
+        out.append(workers[name](*args))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran():
+    """``ran(name, debug, *args)``: the per-rank results of that case."""
+    per_rank = launch(_w_cases, 2, (CASES,), timeout=120)
+    results = {repr(case): [rank[i] for rank in per_rank] for i, case in enumerate(CASES)}
+    return lambda *case: results[repr(case)]
+
+
 def _w_dict_order() -> dict:
     rank = dist.get_rank()
     a, b = torch.full((2, 3), float(rank)), torch.full((1 + rank, 5), 10.0 + rank)
@@ -58,8 +83,8 @@ def _w_dict_order() -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("debug", ["0", "1"])
-def test_dict_keys_in_another_order_per_rank_gather_by_key(debug):
-    results = launch(_w_dict_order, 2, timeout=60, env={"SHARED_DIST_DEBUG": debug})
+def test_dict_keys_in_another_order_per_rank_gather_by_key(debug, ran):
+    results = ran("dict order", debug)
     expect_a = torch.cat([torch.full((2, 3), 0.0), torch.full((2, 3), 1.0)])
     expect_b = torch.cat([torch.full((1, 5), 10.0), torch.full((2, 5), 11.0)])
     for rank, res in enumerate(results):
@@ -121,9 +146,9 @@ def _w_reduce_mismatch(kind: str) -> str:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["shape", "structure", "key order"])
-def test_reduce_mismatch_without_debug_mode_is_named(kind):
+def test_reduce_mismatch_without_debug_mode_is_named(kind, ran):
     # without the structure check, gloo reported these as a connection error (or hung)
-    results = launch(_w_reduce_mismatch, 2, (kind,), timeout=60, env={"SHARED_DIST_DEBUG": "0"})
+    results = ran("reduce", "0", kind)
     if kind == "key order":
         assert results == [repr({"x": [2.0, 2.0], "y": [4.0, 4.0, 4.0]})] * 2
         return
@@ -183,8 +208,8 @@ def _w_gather_structures() -> dict[str, str]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("debug", ["0", "1"])
-def test_gather_refuses_structures_that_differ_across_ranks(debug):
-    results = launch(_w_gather_structures, 2, timeout=90, env={"SHARED_DIST_DEBUG": debug})
+def test_gather_refuses_structures_that_differ_across_ranks(debug, ran):
+    results = ran("structures", debug)
     for res in results:
         for case in ("other keys", "one extra key", "list of another length", "tuple vs list"):
             assert res[case].startswith("DistributedOperationError: gather: every rank must pass the same"), (

@@ -25,6 +25,38 @@ def _rows(rank: int, n: int, d: int = 4) -> torch.Tensor:
     return base + 1000.0 * (rank + 1)
 
 
+# ---------------------------------------------------------------- one launch per world size
+
+# Every case that needs no environment of its own, run in order on the same processes (accelerate's
+# test_utils/scripts/test_ops.py pattern): one launch per world size instead of one per case. The
+# bounds case runs first, since it counts the collectives a cold gather issues. The timeout cases,
+# the debug-mode cases (an environment variable) and the launcher's own failure keep their launch.
+CASES = {
+    2: [("bounds", 2), ("values", [3, 5]), ("values", [4, 4]), ("values", [0, 3]), ("values", [0, 0]),
+        ("grads", [3, 5], "global"), ("grads", [3, 5], "local"), ("plain", [4, 4]),
+        ("errors", "trailing"), ("errors", "dtype"), ("errors", "check_same"), ("errors", "device")],
+    3: [("bounds", 3), ("values", [3, 0, 5]), ("values", [2, 2, 2]), ("grads", [3, 0, 5], "global"),
+        ("grads", [2, 3, 4], "local"), ("queue", 60)],
+}  # fmt: skip
+
+
+def _w_cases(cases: list[tuple]) -> list:
+    workers = {"values": _w_values, "bounds": _w_bounds, "grads": _w_grads,
+               "plain": _w_plain_all_gather_loses_grads, "errors": _w_errors, "queue": _w_queue}  # fmt: skip
+    return [workers[name](*args) for name, *args in cases]
+
+
+@pytest.fixture(scope="module")
+def ran():
+    """``ran(name, *args)``: the per-rank results of that case, from one launch per world size."""
+    results = {}
+    for world, cases in CASES.items():
+        per_rank = launch(_w_cases, world, (cases,), timeout=240)
+        for i, case in enumerate(cases):
+            results[repr(case)] = [rank[i] for rank in per_rank]
+    return lambda *case: results[repr(case)]
+
+
 # ---------------------------------------------------------------- values, sizes, order
 
 
@@ -50,9 +82,9 @@ def _w_values(sizes: list[int]) -> dict:
 
 
 @pytest.mark.parametrize("sizes", [[3, 5], [4, 4], [0, 3], [0, 0], [3, 0, 5], [2, 2, 2]])
-def test_gather_values_in_rank_order(sizes):
+def test_gather_values_in_rank_order(sizes, ran):
     world = len(sizes)
-    results = launch(_w_values, world, (sizes,), timeout=120)
+    results = ran("values", sizes)
     expect = torch.cat([_rows(r, n) for r, n in enumerate(sizes)])
     offsets = tuple([0, *torch.tensor(sizes).cumsum(0).tolist()])
     for rank, res in enumerate(results):
@@ -124,8 +156,8 @@ def _w_bounds(world: int) -> list:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_repeated_gathers_send_sizes_with_the_data(world):
-    for seen in launch(_w_bounds, world, (world,), timeout=120):
+def test_repeated_gathers_send_sizes_with_the_data(world, ran):
+    for seen in ran("bounds", world):
         for (sizes, dtype, d, collectives), (got, n) in zip(_SEQUENCE, seen):
             sizes = (sizes * 2)[:world]
             expect = torch.cat([_rows(r, sizes[r], d).to(dtype) for r in range(world)])
@@ -172,9 +204,9 @@ def _w_grads(sizes: list[int], use: str) -> dict:
     "sizes,use",
     [([3, 5], "global"), ([3, 5], "local"), ([3, 0, 5], "global"), ([2, 3, 4], "local")],
 )
-def test_gradients_match_single_process(sizes, use):
+def test_gradients_match_single_process(sizes, use, ran):
     world = len(sizes)
-    results = launch(_w_grads, world, (sizes, use), timeout=120)
+    results = ran("grads", sizes, use)
     ref_params, ref_x = reference(sizes, use)
     offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     for rank, res in enumerate(results):
@@ -200,10 +232,10 @@ def _w_plain_all_gather_loses_grads(sizes: list[int]) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_reference_detects_plain_all_gather_bug():
+def test_reference_detects_plain_all_gather_bug(ran):
     """Guards the parity test itself: the no-grad gather gives different gradients."""
     sizes = [4, 4]
-    results = launch(_w_plain_all_gather_loses_grads, 2, (sizes,), timeout=120)
+    results = ran("plain", sizes)
     ref_params, _ = reference(sizes, "global")
     assert not all(torch.allclose(g, w, rtol=1e-4) for g, w in zip(results[0], ref_params))
 
@@ -227,7 +259,7 @@ def _w_errors(case: str) -> str:
             shared_dist.check_same(4 + rank, "num_negatives")
         elif case == "missing_rank":
             if rank == 1:
-                time.sleep(12)  # never calls the collective in time
+                time.sleep(5)  # never calls the collective in time (the timeouts are 3 s)
                 return "slept"
             t0 = time.monotonic()
             try:
@@ -240,8 +272,8 @@ def _w_errors(case: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["trailing", "dtype", "check_same"])
-def test_mismatch_raises_naming_every_rank(case):
-    results = launch(_w_errors, 2, (case,), timeout=60)
+def test_mismatch_raises_naming_every_rank(case, ran):
+    results = ran("errors", case)
     for msg in results:
         assert msg.startswith("DistributedOperationError"), msg
         assert "rank 0" in msg and "rank 1" in msg, msg
@@ -249,8 +281,8 @@ def test_mismatch_raises_naming_every_rank(case):
         assert "trailing dims=[3]" in results[0] and "trailing dims=[4]" in results[0]
 
 
-def test_wrong_device_raises():
-    results = launch(_w_errors, 2, ("device",), timeout=60)
+def test_wrong_device_raises(ran):
+    results = ran("errors", "device")
     assert all("gloo backend" in m and "meta" in m for m in results), results
 
 
@@ -301,8 +333,8 @@ def _w_queue(total: int) -> list[int]:
     return mine
 
 
-def test_next_index_hands_each_number_to_exactly_one_rank():
-    results = launch(_w_queue, 3, (60,), timeout=60)
+def test_next_index_hands_each_number_to_exactly_one_rank(ran):
+    results = ran("queue", 60)
     taken = sorted(k for mine in results for k in mine)
     assert taken == list(range(60))  # none twice, none lost
     assert len(results[0]) > len(results[2]) > 0  # the fast rank took more: nobody waited for a share

@@ -1,7 +1,8 @@
 """conan-st: Conan-embedding training methods for sentence-transformers.
 
 * :class:`CrossGPUBalancingLoss` — retrieval InfoNCE over the hard negatives of every GPU +
-  β·CoSENT, both tasks in every optimisation step;
+  β·CoSENT, both tasks in every optimisation step; :class:`CachedCrossGPUBalancingLoss` the same
+  with GradCache, for batches larger than memory;
 * :class:`TaskBalancedBatchSampler` and :func:`make_balanced_datasets` — the batches it needs,
   through sentence-transformers' own multi-dataset batch sampler extension point;
 * :class:`DynamicHardNegativeMiningCallback` — hard negatives refreshed while training runs;
@@ -22,7 +23,7 @@ _LAZY = {
     "checkpoints": ["last_complete_checkpoint"],
     "data": ["make_balanced_datasets"],
     "layout": ["TaskLayout"],
-    "losses": ["CrossGPUBalancingLoss"],
+    "losses": ["CachedCrossGPUBalancingLoss", "CrossGPUBalancingLoss"],
     "mining": ["NegativeStore", "dynamic_negatives_dataset", "mine_candidates"],
     "sampler": ["TaskBalancedBatchSampler"],
 }
@@ -47,11 +48,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .checkpoints import last_complete_checkpoint
     from .data import make_balanced_datasets
     from .layout import TaskLayout
-    from .losses import CrossGPUBalancingLoss
+    from .losses import CachedCrossGPUBalancingLoss, CrossGPUBalancingLoss
     from .mining import NegativeStore, dynamic_negatives_dataset, mine_candidates
     from .sampler import TaskBalancedBatchSampler
 
 __all__ = [
+    "CachedCrossGPUBalancingLoss",
     "CrossGPUBalancingLoss",
     "DynamicHardNegativeMiningCallback",
     "NegativeStore",

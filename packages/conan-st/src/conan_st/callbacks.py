@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,7 +107,7 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
         self._unlogged: dict[str, float] = {}
         self.loss = loss
         if loss is not None and score_source == "loss":
-            loss.score_observer = self._observe
+            loss.add_score_observer(self._observe)
 
     # ------------------------------------------------------------------ construction
 
@@ -124,6 +125,7 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
         positive_ratio: float | None = None,
         end_policy: str = "stay",
         initial_score: str = "mined",
+        store_class: Callable[..., NegativeStore] = NegativeStore,
         **kwargs: Any,
     ) -> DynamicHardNegativeMiningCallback:
         """Mine candidate lists for (anchor, positive) ``pairs`` and build the callback.
@@ -132,6 +134,8 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
         ``miner`` (default: ``model``, the model being trained) through the search backend.
         ``initial_score``: S_init of a window is its candidates' mean mining score (``"mined"``,
         the paper's) or the first score observed after it was assigned (``"observed"``).
+        ``store_class``: the store to build, called as :class:`~conan_st.mining.NegativeStore` is
+        (an ablation passes a subclass with another window rule).
         """
         missing = [c for c in ("anchor", "positive") if c not in pairs.column_names]
         if missing:
@@ -154,7 +158,7 @@ class DynamicHardNegativeMiningCallback(TrainerCallback, ExportableState):
             backend=backend,
             positive_ratio=positive_ratio,
         )
-        store = NegativeStore(
+        store = store_class(
             cand, num_negatives, skip, end_policy, candidate_scores=scores, initial_score=initial_score
         )
         return cls(store, list(pairs["anchor"]), corpus, positives=list(pairs["positive"]), **kwargs)

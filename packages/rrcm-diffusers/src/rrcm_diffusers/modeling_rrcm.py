@@ -25,6 +25,12 @@ from .trajectory import CERTIFY_NUM_SCALES, c_in, c_noise
 CHECKSUMS = "checksums.sha256.json"
 
 
+class DamagedWeightsError(ValueError):
+    """A weights folder whose files are not what was saved: a checksum that does not match, a file
+    missing, or tensors of a dtype these models never save. (Non-finite weights are another error:
+    a run that diverged, not a damaged file.)"""
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,7 +61,7 @@ def check_floating_weights(folder: str | os.PathLike) -> None:
         }
         if bad:
             first = dict(list(bad.items())[:3])
-            raise ValueError(
+            raise DamagedWeightsError(
                 f"{path} holds non-floating tensors ({len(bad)}, e.g. {first}); the model's weights are "
                 "floating point (F16/BF16/F32/F64): refusing to load damaged or foreign weights"
             )
@@ -201,7 +207,7 @@ class RRCMModel(ModelMixin, ConfigMixin):
         if (folder / CHECKSUMS).is_file():
             for name, expected in json.loads((folder / CHECKSUMS).read_text()).items():
                 if not (folder / name).is_file() or _sha256(folder / name) != expected:
-                    raise ValueError(
+                    raise DamagedWeightsError(
                         f"{folder / name} does not match the checksum written when it was saved "
                         "(damaged or replaced weights); refusing to load"
                     )

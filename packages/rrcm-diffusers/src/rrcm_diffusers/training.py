@@ -11,27 +11,29 @@ import copy
 import hashlib
 import json
 import math
-import os
-import re
-import shutil
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
-import shared_dist
-
-from ._atomic import claim_folder, write_text_atomic
+from ._atomic import claim_folder
 from ._checks import check_choice, check_int, check_real, check_sigma
 from .augment import check_classifier_augment, classifier_view, light_view, strong_view
+from .checkpointing import (  # noqa: F401  (save/load_optimizer, latest_checkpoint: their old home)
+    checkpoints,
+    latest_checkpoint,
+    load_newest_checkpoint,
+    load_optimizer,
+    restore_generator,
+    save_checkpoint,
+    save_optimizer,
+    trim_log,
+)
 from .data import to_model_space
 from .evaluation import extract_features, linear_probe_accuracy, noisy_accuracy  # noqa: F401  (their old home)
 from .losses import RRCMFinetuningLoss, RRCMPretrainingLoss, ema_rate, update_ema
@@ -104,7 +106,8 @@ class FinetuneConfig:
     augment: str = "none"  # "crop_flip" for CIFAR-10: pad-4 random crop + horizontal flip
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 0
+    # no checkpoint_every: fine-tuning is short next to pretraining and does not resume; the same
+    # call again (after a kill) starts over in the same folder, its log with it
 
     def __post_init__(self) -> None:
         self.check()
@@ -113,7 +116,7 @@ class FinetuneConfig:
         """Every field, at construction and again when fine-tuning starts."""
         check_sigma(self.sigma, "FinetuneConfig.sigma")
         for name, minimum in [("probe_steps", 0), ("steps", 0), ("batch_size", 1), ("warmup_steps", 0),
-                              ("num_noise_samples", 1), ("seed", 0), ("log_every", 1), ("checkpoint_every", 0)]:  # fmt: skip
+                              ("num_noise_samples", 1), ("seed", 0), ("log_every", 1)]:  # fmt: skip
             check_int(f"FinetuneConfig.{name}", getattr(self, name), minimum)
         for name in ("lr", "probe_lr", "grad_clip"):
             check_real(f"FinetuneConfig.{name}", getattr(self, name), 0.0, low_open=True)
@@ -123,99 +126,6 @@ class FinetuneConfig:
         if self.consistency_weight is not None:
             check_real("FinetuneConfig.consistency_weight", self.consistency_weight)
         check_classifier_augment(self.augment, "FinetuneConfig.augment")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Optimizer state as safetensors (tensors) + JSON (everything else)."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, entry in state["state"].items():
-        for k, v in entry.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    save_file(tensors, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(
-        json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
-    )
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    meta = json.loads(path.with_suffix(".json").read_text())
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in load_file(str(path.with_suffix(".safetensors"))).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    for key, v in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _save_checkpoint(loop: _Loop, step: int) -> None:
-    """``out/checkpoint-<step>``, written whole or not at all: everything goes into
-    ``checkpoint-<step>.tmp`` first, which is renamed when complete (a kill leaves only a
-    ``.tmp`` folder, which resume ignores). ``generator``: every rank's state is kept, so a
-    resumed run draws the same noise as an uninterrupted one."""
-    out, accelerator, generator = loop.checkpoint_dir, loop.accelerator, loop.generator
-    states = shared_dist.gather_object(generator.get_state()) if generator is not None else None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-        if tmp.exists():  # our own leftover from a killed save
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for name, model in loop.models.items():
-            accelerator.unwrap_model(model).save_pretrained(tmp / name)
-        save_optimizer(loop.optimizer, tmp / "optimizer")
-        if states is not None:
-            save_file({f"rank{r}": s for r, s in enumerate(states)}, str(tmp / "rng_states.safetensors"))
-        (tmp / "trainer_state.json").write_text(
-            json.dumps(
-                {
-                    "step": step,
-                    "scheduler": loop.scheduler.state_dict(),
-                    "world_size": accelerator.num_processes,
-                }
-            )
-        )
-        if final.exists():  # a checkpoint of this step from before a resume: replaced whole
-            old = out / f"checkpoint-{step}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-
-
-def _load_pretrain_checkpoint(out: Path, model, target, optimizer, scheduler) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads completely; a damaged one is skipped with a warning."""
-    for ckpt in _checkpoints(out):
-        try:
-            online_state = RRCMModel.from_pretrained(ckpt / "online").state_dict()
-            target_state = RRCMModel.from_pretrained(ckpt / "target").state_dict()
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            model.load_state_dict(online_state)
-            target.load_state_dict(target_state)
-            load_optimizer(optimizer, ckpt / "optimizer")
-            scheduler.load_state_dict(state["scheduler"])
-            return ckpt, state
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-            warnings.warn(f"skipping checkpoint {ckpt}: it does not load ({err})", stacklevel=3)
-    return None
-
-
-def _trim_log(out: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a run resumes from)."""
-    log = out / "log.jsonl"
-    if log.is_file():
-        keep = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        write_text_atomic(log, "".join(line + "\n" for line in keep))
 
 
 class EpochShuffle(Sampler[int]):
@@ -234,19 +144,6 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-def _checkpoints(out: str | Path) -> list[Path]:
-    """The ``checkpoint-<step>`` folders, newest first; other names (``checkpoint-8.bak``, a
-    ``checkpoint-8.tmp`` left by a killed save) are not checkpoints of this trainer."""
-    ckpts = [p for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]), reverse=True)
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step."""
-    ckpts = _checkpoints(out)
-    return ckpts[0] if ckpts else None
 
 
 def _check_images(images: torch.Tensor, name: str = "images") -> None:
@@ -324,7 +221,7 @@ def _run_dir(
     if stage == "finetune":  # no resume here: the starting weights (the pretraining) are part of the run
         backbone = [v for k, v in sorted(model.state_dict().items()) if k.startswith("backbone.")]
         key["backbone_sha256"] = _sha256_of(*backbone)
-    ours = (*_checkpoints(out), out / "log.jsonl", out / "final", out / "probe", out / "finetune")
+    ours = (*checkpoints(out), out / "log.jsonl", out / "final", out / "probe", out / "finetune")
     hint = "pass another output_dir (or the same settings to resume that run)"
     claim_folder(
         out / RUN_RECORD, key, any(p.exists() for p in ours), write=accelerator.is_main_process, hint=hint
@@ -342,19 +239,20 @@ def _progress_bar(steps: range, progress: bool, accelerator: Accelerator, desc: 
     return tqdm(steps, disable=not (progress and accelerator.is_main_process), desc=desc)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Loop:
-    """What a training loop carries from step to step; ``update`` and ``end_step`` are the parts of
-    a step that pretraining and fine-tuning share."""
+    """What a training loop carries from step to step, whole from construction; ``update`` and
+    ``end_step`` are the parts of a step that pretraining and fine-tuning share."""
 
     accelerator: Accelerator
     model: Any  # prepared (DDP-wrapped on several processes)
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    config: PretrainConfig | FinetuneConfig
+    log_every: int
     out: Path | None  # the run folder: log.jsonl
-    models: dict[str, Any]  # saved in each checkpoint, by folder name
+    models: dict[str, Any] = field(default_factory=dict)  # saved in each checkpoint, by folder name
     checkpoint_dir: Path | None = None  # None: no checkpoints
+    checkpoint_every: int = 0  # 0: none during the run
     generator: torch.Generator | None = None  # its state is saved too: exact resume
     step_offset: int = 0  # steps of earlier phases: the trackers' step only grows (wandb requires it)
 
@@ -376,47 +274,44 @@ class _Loop:
     ) -> None:
         """After optimizer step ``step`` (1-based, of ``steps``): log every ``log_every`` steps and
         at the end (the bar shows the ``show`` keys of ``record``), checkpoint every ``checkpoint_every``."""
-        if step % self.config.log_every == 0 or step == steps:
+        if step % self.log_every == 0 or step == steps:
             bar.set_postfix(
                 {k: f"{record[k]:.3f}" if isinstance(record[k], float) else record[k] for k in show}
             )
             _log(self.out, self.accelerator, record, prefix, self.step_offset + step)
-        every = self.config.checkpoint_every
-        if self.checkpoint_dir is not None and every and step % every == 0:
+        if self.checkpoint_dir is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
             self.save(step)
 
     def save(self, step: int) -> None:
-        _save_checkpoint(self, step)
+        save_checkpoint(
+            self.checkpoint_dir,
+            step,
+            self.accelerator,
+            self.models,
+            self.optimizer,
+            self.scheduler,
+            self.generator,
+        )
 
 
 # ----------------------------------------------------------------------------- pretraining
 
 
-def _resume_pretraining(out: Path | None, accelerator: Accelerator, *modules) -> tuple[Path, dict] | None:
-    """Load ``modules`` (model, target, optimizer, scheduler) from the newest complete checkpoint in
+def _resume_pretraining(
+    out: Path | None, accelerator: Accelerator, models: dict, optimizer, scheduler
+) -> tuple[Path, dict] | None:
+    """Load ``models`` (online, target), optimizer and schedule from the newest complete checkpoint in
     ``out`` and drop the log records written after it; None when there is none (or no ``out``)."""
-    loaded = _load_pretrain_checkpoint(out, *modules) if out else None
+    loaded = load_newest_checkpoint(out, models, optimizer, scheduler) if out else None
     if loaded and accelerator.is_main_process:
-        _trim_log(out, loaded[1]["step"])
+        trim_log(out, loaded[1]["step"])
     return loaded
 
 
-def _restore_generator(
-    gen: torch.Generator, ckpt: Path, state: dict, accelerator: Accelerator, seed: int
-) -> None:
-    """This rank's generator as it was at the checkpoint, so the noise after resume is the same."""
-    rng = ckpt / "rng_states.safetensors"
-    if rng.is_file() and state.get("world_size") == accelerator.num_processes:
-        gen.set_state(load_file(str(rng))[f"rank{accelerator.process_index}"])
-    else:  # an older checkpoint, or another number of processes: resumes, but not bit-exactly
-        warnings.warn(
-            f"{ckpt} holds no generator state for this run; the noise after resume differs", stacklevel=3
-        )
-        gen.manual_seed(seed * 1000 + accelerator.process_index + state["step"])
-
-
-def _pretrain_step(loop: _Loop, target: RRCMModel, loss_fn: RRCMPretrainingLoss, batch, step: int) -> dict:
-    config, gen = loop.config, loop.generator
+def _pretrain_step(
+    loop: _Loop, config: PretrainConfig, target: RRCMModel, loss_fn: RRCMPretrainingLoss, batch, step: int
+) -> dict:
+    gen = loop.generator
     # 1. grid size for this step (icm doubling) and one index n shared by all ranks
     num_scales = icm_num_scales(step, config.steps, config.icm_s0, config.icm_s1)
     n = sample_grid_index(num_scales, gen)
@@ -468,7 +363,7 @@ def pretrain(
         raise ValueError("pretraining needs a projector: build the model with projection_dim > 0")
     accelerator = accelerator or Accelerator()
     out = _run_dir(output_dir, "pretrain", config, model, (images,), accelerator)
-    if out is not None and not resume and _checkpoints(out):
+    if out is not None and not resume and checkpoints(out):
         raise ValueError(
             f"output_dir {out} holds checkpoints of this run and resume=False would overwrite them; "
             "pass resume=True to continue it, or another output_dir to start over"
@@ -477,7 +372,8 @@ def pretrain(
     target = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    loaded = _resume_pretraining(out if resume else None, accelerator, model, target, optimizer, scheduler)
+    models = {"online": model, "target": target}  # saved in each checkpoint, by folder name
+    loaded = _resume_pretraining(out if resume else None, accelerator, models, optimizer, scheduler)
     start = loaded[1]["step"] if loaded else 0
     # 2. data in a per-epoch order that does not depend on the epochs before it (exact resume)
     sampler = EpochShuffle(len(images), config.seed)
@@ -486,11 +382,13 @@ def pretrain(
     target.to(accelerator.device)
     gen = _rank_generator(config.seed, accelerator)
     if loaded:
-        _restore_generator(gen, *loaded, accelerator, config.seed)
-    # 3. the loop
-    models = {"online": model, "target": target}  # saved in each checkpoint, by folder name
-    loop = _Loop(accelerator, model, optimizer, scheduler, config, out=out, models=models, checkpoint_dir=out)
-    loop.generator = gen  # its state is saved with each checkpoint too
+        restore_generator(gen, *loaded, accelerator, config.seed)
+    # 3. the loop (the prepared model is saved: unwrapped when saving)
+    loop = _Loop(
+        accelerator, model, optimizer, scheduler, config.log_every, out,
+        models={"online": model, "target": target}, checkpoint_dir=out,
+        checkpoint_every=config.checkpoint_every, generator=gen,
+    )  # fmt: skip
     loss_fn = RRCMPretrainingLoss(
         config.tau, config.instance_weight, config.consistency_weight, config.symmetric_instance
     )
@@ -501,7 +399,7 @@ def pretrain(
     target.train()
     for step in bar:
         (batch,) = next(batches)
-        history.append(r := _pretrain_step(loop, target, loss_fn, batch, step))
+        history.append(r := _pretrain_step(loop, config, target, loss_fn, batch, step))
         loop.end_step(r, "pretrain", step + 1, config.steps, bar, show=("loss", "instance", "consistency"))
     if out is not None and start < config.steps:
         loop.save(config.steps)
@@ -545,19 +443,10 @@ def _check_labels(labels: torch.Tensor, num_images: int, num_classes: int) -> No
 
 
 def _finetune_phase(
-    model: RRCMModel,
-    phase: str,
-    steps: int,
-    *,
-    data: tuple,
-    config: FinetuneConfig,
-    accelerator: Accelerator,
-    out: Path | None,
-    step_offset: int,
-) -> tuple[_Loop, DataLoader]:
+    model: RRCMModel, phase: str, steps: int, data: tuple, config: FinetuneConfig, accelerator: Accelerator
+) -> tuple[Any, torch.optim.Optimizer, Any, DataLoader]:
     """Optimizer, schedule and loader of one phase: "probe" trains the head alone, "finetune" all
-    layers with layer-wise lr decay. Returns its `_Loop` (prepared model, optimizer, schedule) and
-    the prepared loader; checkpoints (if any) go to ``<run folder>/<phase>``."""
+    layers with layer-wise lr decay. Returns the prepared model, optimizer and loader, and the schedule."""
     model = accelerator.unwrap_model(model)
     model.backbone.requires_grad_(phase == "finetune")  # before prepare: DDP sees the right params
     if phase == "probe":
@@ -575,10 +464,7 @@ def _finetune_phase(
         generator=torch.Generator().manual_seed(config.seed + (phase == "finetune")),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ckpt_dir = out / phase if out else None
-    loop = _Loop(accelerator, model, optimizer, scheduler, config, out=out, models={"model": model})
-    loop.checkpoint_dir, loop.step_offset = ckpt_dir, step_offset
-    return loop, loader
+    return model, optimizer, scheduler, loader
 
 
 def finetune(
@@ -598,13 +484,16 @@ def finetune(
     ends with ``output_dir/final``: an :class:`RRCMPipeline` folder (``RRCMPipeline.from_pretrained``)
     with a model card stating σ, ``data`` (a description of the training images) and the steps.
     """
+    # 1. inputs checked and the run folder claimed, before any step
     if model.classifier is None:
         raise ValueError("finetune needs a classifier head: use model.for_classification(num_classes)")
     _check_images(images)
     _check_labels(labels, images.shape[0], model.classifier.out_features)
-    config.check()  # before any folder or step
+    config.check()
     accelerator = accelerator or Accelerator()
     out = _run_dir(output_dir, "finetune", config, model, (images, labels), accelerator)
+    if out is not None and accelerator.is_main_process:
+        trim_log(out, 0)  # a run started again starts over: no records of the killed one stay
     loss_fn = RRCMFinetuningLoss(
         config.sigma, config.num_noise_samples, config.consistency_weight, config.entropy_weight
     )
@@ -614,28 +503,25 @@ def finetune(
     for phase, steps in [("probe", config.probe_steps), ("finetune", config.steps)]:
         if steps <= 0:
             continue
-        loop, loader = _finetune_phase(
-            model,
-            phase,
-            steps,
-            data=(images, labels),
-            config=config,
-            accelerator=accelerator,
-            out=out,
-            step_offset=done,
+        # 2. the phase's optimizer, schedule and loader: the head alone, then every layer
+        model, optimizer, scheduler, loader = _finetune_phase(
+            model, phase, steps, (images, labels), config, accelerator
         )
-        model = loop.model.train()
+        loop = _Loop(accelerator, model, optimizer, scheduler, config.log_every, out, step_offset=done)
+        model.train()
         batches = _batches(loader, 0, config.batch_size, accelerator.num_processes)
         bar = _progress_bar(range(steps), progress, accelerator, phase)
+        # 3. the steps: an augmented view (B, C, H, W) in [-1, 1], its 2σ-noisy copies inside the loss
         for step in bar:
             x, y = next(batches)
-            x = classifier_view(to_model_space(x), config.augment, gen)  # (B, C, H, W) in [-1, 1]
+            x = classifier_view(to_model_space(x), config.augment, gen)
             losses = loss_fn(model, x, y, generator=gen)
             loop.update(losses["loss"], config.grad_clip)
             record = {"phase": phase, "step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}}
             history.append(record)
             loop.end_step(record, phase, step + 1, steps, bar, show=("loss", "accuracy"))
         done += steps
+    # 4. the trained classifier, and with output_dir the pipeline folder with its model card
     model = accelerator.unwrap_model(model)
     model.requires_grad_(True)
     if out is not None and accelerator.is_main_process:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
-from .cross_gpu_balancing import CrossGPUBalancingLoss
+from .cached_cross_gpu_balancing import CachedCrossGPUBalancingLoss
+from .cross_gpu_balancing import CrossGPUBalancingLoss, TaskColumns
 
-__all__ = ["CrossGPUBalancingLoss"]
+__all__ = ["CachedCrossGPUBalancingLoss", "CrossGPUBalancingLoss", "TaskColumns"]

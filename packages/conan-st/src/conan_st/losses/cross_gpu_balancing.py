@@ -3,13 +3,18 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+from sentence_transformers.sentence_transformer.losses.adaptive_layer import (
+    ForwardDecorator as AdaptiveLayerForward,
+)
+from sentence_transformers.sentence_transformer.losses.matryoshka import ForwardDecorator as MatryoshkaForward
 from torch import Tensor, nn
 
 import shared_dist
@@ -17,6 +22,37 @@ from shared_dist import DistributedOperationError
 
 from ..labels import is_id_label, label_to_id
 from ..layout import TaskLayout
+
+
+@dataclass(frozen=True)
+class TaskColumns:
+    """One step's input on this rank, split by task: what :class:`CrossGPUBalancingLoss` embeds.
+
+    Attributes:
+        retrieval: tokenised columns ``[anchor, positive, negative_1..negative_j]`` of the
+            retrieval rows, with this rank's ``j`` negatives; empty when the rank has none.
+        sts: tokenised ``[sentence1, sentence2]`` of the STS rows; empty when the rank has none.
+        scores: (S,) STS scores, or None.
+        num_negatives: ``j``, negative columns on this rank (also known to ranks without retrieval rows).
+        example_ids: (B,) the retrieval rows' example ids, or None (for the score observers).
+        query_fingerprint: a hash of the queries, which every retrieval rank must share.
+    """
+
+    retrieval: list[dict[str, Tensor]]
+    sts: list[dict[str, Tensor]]
+    scores: Tensor | None
+    num_negatives: int
+    example_ids: Tensor | None
+    query_fingerprint: int | None
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`CrossGPUBalancingLoss.compute_loss_from_embeddings`."""
+        return {
+            "scores": self.scores,
+            "num_negatives": self.num_negatives,
+            "example_ids": self.example_ids,
+            "query_fingerprint": self.query_fingerprint,
+        }
 
 
 class CrossGPUBalancingLoss(nn.Module):
@@ -143,13 +179,26 @@ class CrossGPUBalancingLoss(nn.Module):
         self.sts_score_range = sts_score_range
         self.return_dict = return_dict
         self.cosent = CoSENTLoss(model, scale=sts_scale)
-        # called as observer(example_ids (B,), mean cosine of each query to its own negatives (B,))
-        # for rows whose label carries an example id (see conan_st.mining); set by the mining callback
-        self.score_observer = None
+        self._score_observers: list[Callable[[Tensor, Tensor], None]] = []
 
     # ------------------------------------------------------------------ embedding
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Any:
+    def add_score_observer(self, observer: Callable[[Tensor, Tensor], None]) -> None:
+        """Call ``observer(example_ids, scores)`` at every step with retrieval rows that carry example ids.
+
+        ``example_ids`` (B,) are the rows' ids (see :mod:`conan_st.mining`) and ``scores`` (B,) each
+        query's mean cosine to its own negatives, of every rank's slice, detached. Inside
+        ``MatryoshkaLoss`` only the full-size embeddings are reported. The mining callback
+        (``score_source="loss"``) reads its S_cur from here at no cost.
+        """
+        if not callable(observer):
+            raise TypeError(f"observer must be callable as observer(example_ids, scores), got {observer!r}")
+        self._score_observers.append(observer)
+
+    def task_columns(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None
+    ) -> TaskColumns:
+        """Split a batch's columns by task: the rows of each task, and this rank's slice of the negatives."""
         features = list(sentence_features)
         layout = TaskLayout.current(self.retrieval_ranks)
         ret_rows, sts_rows = self._split_rows(features, labels)
@@ -169,29 +218,28 @@ class CrossGPUBalancingLoss(nn.Module):
         if layout.is_retrieval_rank and layout.retrieval_ranks > 1:
             k = layout.rank
             negs = negs[k * per_rank : (k + 1) * per_rank]  # this rank's slice of the negatives
-        columns = [_select_rows(f, ret_rows) for f in ret_feats[:2] + negs]
-        sts_columns = [_select_rows(f, sts_rows) for f in sts_feats]
-
-        embeddings: list[Tensor] = []
-        if ret_rows.any():
-            embeddings += embed_columns(self.model, columns)
-        if sts_rows.any():
-            embeddings += embed_columns(self.model, sts_columns, separate_first=False)
-        scores = labels[sts_rows] if labels is not None else None
-        n_ret = len(columns) if ret_rows.any() else 0
-        dim = embeddings[0].shape[-1] if embeddings else self.model.get_embedding_dimension()
+        retrieval = [_select_rows(f, ret_rows) for f in ret_feats[:2] + negs] if ret_rows.any() else []
+        sts = [_select_rows(f, sts_rows) for f in sts_feats] if sts_rows.any() else []
         example_ids = None
-        if labels is not None and ret_rows.any() and is_id_label(labels[ret_rows].float()).all():
+        if retrieval and labels is not None and is_id_label(labels[ret_rows].float()).all():
             example_ids = label_to_id(labels[ret_rows].float())
-        return self.compute_loss_from_embeddings(
-            embeddings[:n_ret],
-            embeddings[n_ret:],
-            scores,
+        return TaskColumns(
+            retrieval=retrieval,
+            sts=sts,
+            scores=labels[sts_rows] if sts else None,
             num_negatives=per_rank,
-            dim=dim,
             example_ids=example_ids,
-            query_fingerprint=_fingerprint(columns[0]) if ret_rows.any() else None,
+            query_fingerprint=_fingerprint(retrieval[0]) if retrieval else None,
         )
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Any:
+        # 1. the columns of each task on this rank
+        tasks = self.task_columns(sentence_features, labels)
+        # 2. embed them: each (B, D) retrieval, (S, D) STS
+        retrieval = embed_columns(self.model, tasks.retrieval) if tasks.retrieval else []
+        sts = embed_columns(self.model, tasks.sts, separate_first=False) if tasks.sts else []
+        # 3. the loss (gathers the negatives across ranks)
+        return self.compute_loss_from_embeddings(retrieval, sts, **tasks.loss_kwargs())
 
     def _warn_if_no_sts_signal(self, scores: Tensor | None) -> None:
         """CoSENT ranks the pairs of a batch against each other: one pair, or pairs of one score, give
@@ -215,10 +263,8 @@ class CrossGPUBalancingLoss(nn.Module):
         if not sts_feats or not ret_rows.any() or "attention_mask" not in sts_feats[0]:
             return
         if not hasattr(self, "_empty_len"):  # tokens of an empty text: the special tokens only
-            model = getattr(self.model, "module", self.model)  # under DDP the trainer wraps it
-            self._empty_len = int(
-                model.preprocess([""])["attention_mask"].sum()
-            )  # tokenize() is deprecated in 6.x
+            # _unwrap: under DDP the trainer hands the loss the wrapped model; tokenize() is deprecated in 6.x
+            self._empty_len = int(_unwrap(self.model).preprocess([""])["attention_mask"].sum())
         for name, f in zip(("sentence1", "sentence2"), sts_feats):
             if bool((f["attention_mask"][ret_rows].sum(-1) > self._empty_len).any()):
                 raise ValueError(
@@ -267,10 +313,19 @@ class CrossGPUBalancingLoss(nn.Module):
             scores: (S,) STS scores.
             num_negatives: j, negatives per query on this rank (for ranks without retrieval rows).
             dim: embedding size D (for ranks without retrieval rows).
-            example_ids: (B,) ids of the retrieval rows, for ``score_observer``.
+            example_ids: (B,) ids of the retrieval rows, for the observers of :meth:`add_score_observer`.
             query_fingerprint: a hash of this rank's queries; on several processes the retrieval
                 ranks' fingerprints must agree (they share queries), else the step fails.
         """
+        out = self._loss_terms(retrieval, sts, scores, num_negatives, dim, example_ids, query_fingerprint)
+        if self.return_dict and not _inside_adaptive_layer_loss(self.model):
+            return LossTerms(out)
+        return out["retrieval"] + out["sts"]
+
+    def _loss_terms(
+        self, retrieval, sts, scores, num_negatives, dim, example_ids, query_fingerprint
+    ) -> dict[str, Tensor]:
+        """``{"retrieval": ..., "sts": ...}``, each weighted for DDP's average (see the class docstring)."""
         layout = TaskLayout.current(self.retrieval_ranks)
         ref = (retrieval or sts or [None])[0]
         if ref is None:
@@ -285,13 +340,10 @@ class CrossGPUBalancingLoss(nn.Module):
         if sts:
             self._warn_if_no_sts_signal(scores)
             sts_loss = self.cosent.compute_loss_from_embeddings(sts, scores)
-        out = {
+        return {
             "retrieval": ret_loss * layout.retrieval_weight,
             "sts": sts_loss * self.sts_weight * layout.sts_weight,
         }
-        if self.return_dict and "adaptive_layer" not in _wrapping_losses(self.model):
-            return LossTerms(out)
-        return out["retrieval"] + out["sts"]
 
     def _retrieval_loss(
         self, retrieval, layout: TaskLayout, num_negatives, dim: int, zero: Tensor, example_ids=None
@@ -331,10 +383,11 @@ class CrossGPUBalancingLoss(nn.Module):
         own = (
             sim_neg.view(b, r, b, j)[rows, :, rows] if j else None
         )  # (B, R, j): query i vs its own negatives
-        observing = self.score_observer is not None and example_ids is not None and own is not None
+        observing = self._score_observers and example_ids is not None and own is not None
         # with MatryoshkaLoss, report only the full-size embeddings' scores
-        if observing and q.shape[-1] == self.model.get_embedding_dimension():
-            self.score_observer(example_ids, own.detach().mean(dim=(1, 2)))
+        if observing and q.shape[-1] == _unwrap(self.model).get_embedding_dimension():
+            for observer in self._score_observers:
+                observer(example_ids, own.detach().mean(dim=(1, 2)))
         if self.in_batch_negatives:
             logits = torch.cat([sim_pos, sim_neg], 1) * self.scale
             return nn.functional.cross_entropy(logits, rows)
@@ -457,14 +510,20 @@ def _select_rows(feature: dict[str, Any], rows: Tensor) -> dict[str, Any]:
     return out
 
 
-def _wrapping_losses(model: nn.Module) -> set[str]:
-    """Modules of the sentence-transformers loss wrappers (``matryoshka``, ``adaptive_layer``) whose
-    ``ForwardDecorator`` currently wraps the model's forward, outermost first."""
-    found, fn = set(), getattr(model, "forward", None)
-    while type(fn).__name__ == "ForwardDecorator":
-        found.add(type(fn).__module__.rsplit(".", 1)[-1])
-        fn = getattr(fn, "fn", None)
-    return found
+def _inside_adaptive_layer_loss(model: nn.Module) -> bool:
+    """Whether ``AdaptiveLayerLoss`` (or ``Matryoshka2dLoss``) currently wraps the model's forward: it
+    adds a KL tensor to what the loss returns, so the loss must return a tensor, not terms."""
+    fn = getattr(model, "forward", None)
+    while isinstance(fn, (MatryoshkaForward, AdaptiveLayerForward)):
+        if isinstance(fn, AdaptiveLayerForward):
+            return True
+        fn = fn.fn
+    return False
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The SentenceTransformer inside a DDP wrapper (the trainer hands the loss the wrapped model)."""
+    return getattr(model, "module", model)
 
 
 class LossTerms(dict):
