@@ -23,6 +23,12 @@ CASES = {  # id: (script, arguments, what its output must say)
         "images (3, 32, 32)",
     ),
     "cbb": ("bench_cbb.py", ["--rounds", "2", "--iters", "1", "--batch", "4"], "CBB / MNRL"),
+    # the cached loss's table: every (loss, batch) in a fresh process, memory and time
+    "cbb-cached": (
+        "bench_cbb.py",
+        ["--cached", "4", "8", "--max-uncached", "4", "--rounds", "1", "--iters", "1", "--mini-batch", "2"],
+        "cached / uncached peak",
+    ),
 }
 
 
