@@ -383,11 +383,10 @@ def pretrain(
     gen = _rank_generator(config.seed, accelerator)
     if loaded:
         restore_generator(gen, *loaded, accelerator, config.seed)
-    # 3. the loop (the prepared model is saved: unwrapped when saving)
+    # 3. the loop; its checkpoints save `models` (prepare wraps the online model, it does not copy it)
     loop = _Loop(
-        accelerator, model, optimizer, scheduler, config.log_every, out,
-        models={"online": model, "target": target}, checkpoint_dir=out,
-        checkpoint_every=config.checkpoint_every, generator=gen,
+        accelerator, model, optimizer, scheduler, config.log_every, out, models=models,
+        checkpoint_dir=out, checkpoint_every=config.checkpoint_every, generator=gen,
     )  # fmt: skip
     loss_fn = RRCMPretrainingLoss(
         config.tau, config.instance_weight, config.consistency_weight, config.symmetric_instance

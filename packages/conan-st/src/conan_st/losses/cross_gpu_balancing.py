@@ -386,8 +386,9 @@ class CrossGPUBalancingLoss(nn.Module):
         observing = self._score_observers and example_ids is not None and own is not None
         # with MatryoshkaLoss, report only the full-size embeddings' scores
         if observing and q.shape[-1] == _unwrap(self.model).get_embedding_dimension():
+            scores = own.detach().mean(dim=(1, 2))  # (B,), once for every observer
             for observer in self._score_observers:
-                observer(example_ids, own.detach().mean(dim=(1, 2)))
+                observer(example_ids, scores)
         if self.in_batch_negatives:
             logits = torch.cat([sim_pos, sim_neg], 1) * self.scale
             return nn.functional.cross_entropy(logits, rows)
