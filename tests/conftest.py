@@ -14,6 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one default for both packages: only the built-in plugins; tests of entry-point loading opt in
 os.environ.setdefault("RRCM_DISABLE_PLUGIN_AUTOLOAD", "1")
 os.environ.setdefault("CONAN_ST_DISABLE_PLUGIN_AUTOLOAD", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, so that two workers'
+    # OpenMP threads never spin against each other (2 x 2 threads on 2 cores is 5-10x slower)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

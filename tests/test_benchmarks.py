@@ -58,11 +58,11 @@ def test_sequential_certification_benchmark_runs_on_a_saved_pipeline(tmp_path, d
     from tests.rrcm.helpers import tiny_model
 
     RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path / "pipe")
-    args = ["--pipeline", str(tmp_path / "pipe"), "--data-dir", str(data_dir), "--sigma", "0.5",
-            "--num-images", "10", "--n", "300", "--n0", "20", "--out", str(tmp_path / "seq")]  # fmt: skip
+    args_bench = ["--pipeline", str(tmp_path / "pipe"), "--data-dir", str(data_dir), "--sigma", "0.5",
+                  "--num-images", "10", "--n", "300", "--n0", "20", "--out", str(tmp_path / "seq")]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
+    run = first = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args_bench],
+                                 capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "machine: " in run.stdout and "ratio fixed / sequential" in run.stdout and "McNemar" in run.stdout
     assert "where the samples go" in run.stdout
@@ -73,3 +73,15 @@ def test_sequential_certification_benchmark_runs_on_a_saved_pipeline(tmp_path, d
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("ceiling    forward passes") == 2 and "n_max 1,000" in run.stdout
+    # the fixed arm reused from that file gives the same table; --skip-fixed runs the sequential arm alone
+    bench = [sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args_bench]
+    again = subprocess.run([*bench[:-2], "--fixed-from", str(tmp_path / "seq")], capture_output=True, text=True,
+                           timeout=600, env=env, cwd=REPO)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    table = lambda out: [line.split("wall")[0] for line in out.splitlines() if "forward passes" in line]  # noqa: E731
+    assert table(again.stdout) == table(first.stdout) and "fixed arm reused, not timed" in again.stdout
+    alone = subprocess.run([*bench[:-2], "--skip-fixed"], capture_output=True, text=True, timeout=600, env=env,
+                           cwd=REPO)  # fmt: skip
+    assert alone.returncode == 0 and "fixed n (not run) draws 3,200 forward passes" in alone.stdout, (
+        alone.stderr
+    )

@@ -112,3 +112,34 @@ def shared_passage_pairs(passages: int = 12, per_passage: int = 3) -> Dataset:
     return Dataset.from_dict(
         {"anchor": anchors, "positive": positives, "negative_1": neg1, "negative_2": neg2}
     )
+
+
+class Recorder:
+    """Wraps the loss's row split: what each forward call really trained on, as texts."""
+
+    def __init__(self, loss) -> None:
+        self.steps: list[dict] = []
+        tokenizer = loss.model.tokenizer
+        original = loss._split_rows
+
+        def spy(features, labels):
+            ret, sts = original(features, labels)
+            rows = ret.nonzero().flatten()
+            decode = lambda f: tokenizer.batch_decode(f["input_ids"][rows], skip_special_tokens=True)  # noqa: E731
+            n_cols = len(features) - (2 if labels is not None else 0)
+            cols = [decode(f) for f in features[:n_cols]]
+            self.steps.append(
+                {"anchor": cols[0], "positive": cols[1], "negatives": cols[2:], "sts": int(sts.sum())}
+            )
+            return ret, sts
+
+        loss._split_rows = spy
+
+
+def mining_callback(model, loss=None, **kw):
+    """The mining callback on PAIRS (2 negatives from depth 30, skipping 10), DOCS as extra documents."""
+    from conan_st import DynamicHardNegativeMiningCallback
+
+    return DynamicHardNegativeMiningCallback.from_pairs(
+        model, PAIRS, num_negatives=2, depth=30, skip=10, extra_documents=DOCS, loss=loss, **kw
+    )

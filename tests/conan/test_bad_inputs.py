@@ -10,10 +10,8 @@ import torch
 from datasets import Dataset
 
 from conan_st import CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, NegativeStore
-from conan_st.experiment import ConanSettings, RecipeConfig, train_recipe
 from conan_st.mining import mine_candidates
 from conan_st.sampler import _int_at_least
-from examples.conan.controls import ControlStore
 from tests.conan.helpers import collate, retrieval_ds
 
 LOSS_CASES = {
@@ -104,36 +102,6 @@ def test_bad_store_is_named(case):
 def test_bad_batch_size_is_named(name, value):
     with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
         _int_at_least(name, value, 8)
-
-
-@pytest.mark.parametrize(
-    "setting", [{"sts_weight": 0.2}, {"dynamic": False}, {"sts_batch_size": 0}, {"store_class": ControlStore}]
-)
-def test_conan_settings_on_another_recipe_are_refused(setting):
-    """An ablation setting on a recipe without STS or mining would be silently ignored."""
-    with pytest.raises(ValueError, match=r"settings of the 'conan' recipe .*'mnrl' has neither"):
-        RecipeConfig("mnrl", conan=ConanSettings(**setting))
-
-
-@pytest.mark.parametrize(
-    "field,value,match",
-    [
-        ("recipe", "Conan", r"recipe must be one of \('mnrl', 'mnrl_mined', 'conan'\), got 'Conan'"),
-        ("steps", 0, "steps must be an int >= 1, got 0"),
-        ("save_steps", 1.5, "save_steps must be an int >= 0, got 1.5"),
-        ("mini_batch_size", 0, r"mini_batch_size must be None \(no caching\) or an int >= 1, got 0"),
-    ],
-)
-def test_a_bad_recipe_config_is_refused_before_anything_loads(field, value, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
-        RecipeConfig(**{field: value})
-    with pytest.raises(TypeError, match=r"config must be a conan_st\.experiment\.RecipeConfig, got str"):
-        train_recipe("conan", tmp_path)  # the keyword form of before: named, not half-run
-
-
-def test_an_unknown_window_rule_of_the_controls_is_refused():
-    with pytest.raises(ValueError, match="rule must be 'always' or 'random', got 'Paper'"):
-        ControlStore(torch.zeros(1, 30, dtype=torch.long), 5, 10, rule="Paper")
 
 
 def test_case_and_spacing_variants_of_a_positive_are_never_negatives(minilm):

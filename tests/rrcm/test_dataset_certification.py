@@ -19,6 +19,7 @@ from tests.helpers import REPO
 from tests.rrcm.helpers import tiny_model
 
 N0, N, SIGMA = 20, 300, 0.25
+SEQUENTIAL_RADII = [0.0, 0.25, 0.5]  # at σ 0.25: thresholds 1/2, Φ(1), Φ(2)
 TIMING = (
     "seconds",
     "ms_per_noise_sample",
@@ -54,7 +55,7 @@ def reference(pipe_dir, tmp_path_factory):
     return _strip(records)
 
 
-def _w_certify(pipe_dir, out, count, batch_size, kill_after_rounds=0):
+def _w_certify(pipe_dir, out, count, batch_size, kill_after_rounds=0, radii=None):
     import signal
 
     import torch.distributed as dist
@@ -87,25 +88,32 @@ def _w_certify(pipe_dir, out, count, batch_size, kill_after_rounds=0):
         n=N,
         batch_size=batch_size,
         progress=False,
+        radii=radii,
     )
     return _strip(records)
 
 
 def _w_certify_each(pipe_dir, runs: list[tuple]) -> list:
-    return [_w_certify(pipe_dir, out, count, batch_size) for out, count, batch_size in runs]
+    return [
+        _w_certify(pipe_dir, out, count, batch_size, radii=radii) for out, count, batch_size, radii in runs
+    ]
 
 
 @pytest.fixture(scope="module")
 def runs(pipe_dir, tmp_path_factory):
     """``runs(world, count, batch_size)``: (per-rank records, folder); one launch per world size."""
-    cases = {2: [(7, 50)], 3: [(7, 30), (2, 7)]}
+    seq = tuple(SEQUENTIAL_RADII)
+    cases = {2: [(7, 50, None), (7, 40, seq)], 3: [(7, 30, None), (2, 7, None), (7, 30, seq)]}
     done = {}
     for world, settings in cases.items():
         folders = [tmp_path_factory.mktemp(f"w{world}") for _ in settings]
-        args = [(folder, count, batch) for folder, (count, batch) in zip(folders, settings)]
+        args = [
+            (folder, count, batch, radii and list(radii))
+            for folder, (count, batch, radii) in zip(folders, settings)
+        ]
         per_rank = launch(_w_certify_each, world, (pipe_dir, args), timeout=180)
-        for i, ((count, batch), folder) in enumerate(zip(settings, folders)):
-            done[world, count, batch] = ([rank[i] for rank in per_rank], folder)
+        for i, ((count, batch, radii), folder) in enumerate(zip(settings, folders)):
+            done[world, count, batch, radii] = ([rank[i] for rank in per_rank], folder)
     return lambda *case: done[case]
 
 
@@ -116,10 +124,27 @@ def runs(pipe_dir, tmp_path_factory):
     ids=["2 procs, 4+3 images", "3 procs, 3+2+2 images", "3 procs, 1+1+0 images"],
 )
 def test_certificates_do_not_depend_on_processes_or_batch_size(world, count, batch_size, runs, reference):
-    results, folder = runs(world, count, batch_size)
+    results, folder = runs(world, count, batch_size, None)
     assert all(r == reference[:count] for r in results)  # every rank returns the merged records
     written = read_records(folder)  # in the order the rounds finished
     assert _strip([written[i] for i in sorted(written)]) == reference[:count]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,batch_size", [(2, 40), (3, 30)])
+def test_sequential_certificates_and_samples_do_not_depend_on_processes(
+    world, batch_size, runs, pipe_dir, tmp_path
+):
+    """Per-image cost now varies (each image stops at its own look); the images are handed out from a
+    shared queue, and every certificate, samples used included, is the one process's, to the bit."""
+    images, labels = _images()
+    one = certify_dataset(load_pipeline(pipe_dir), images, labels, SIGMA, tmp_path, n0=N0, n=N, batch_size=64,
+                          radii=SEQUENTIAL_RADII, progress=False)  # fmt: skip
+    assert len({r["samples"] for r in one}) > 1  # the images did stop at different looks
+    results, folder = runs(world, 7, batch_size, tuple(SEQUENTIAL_RADII))
+    assert all(r == _strip(one) for r in results)
+    written = read_records(folder)
+    assert _strip([written[i] for i in sorted(written)]) == _strip(one)
 
 
 @pytest.mark.distributed

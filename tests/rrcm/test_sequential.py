@@ -13,6 +13,7 @@ from scipy.stats import beta, norm
 from rrcm_diffusers.certification import (
     certify,
     certify_sequential,
+    look_levels,
     look_points,
     lower_confidence_bound,
     radius_thresholds,
@@ -28,11 +29,14 @@ THRESHOLDS_REPORT = radius_thresholds(
 )  # report.RADII
 
 
-def _simulate(p: float, alpha: float, n_max: int, runs: int, seed: int):
+def _votes(p: float, seed: int):
+    """``draw`` for `sequential_bounds`: binomial votes at a known p_A."""
     rng = np.random.default_rng(seed)
-    return sequential_bounds(
-        lambda k, active: rng.binomial(k, p, size=active.size), n_max, alpha, THRESHOLDS, runs=runs
-    )
+    return lambda k, active: rng.binomial(k, p, size=active.size)
+
+
+def _simulate(p: float, alpha: float, n_max: int, runs: int, seed: int, **kw):
+    return sequential_bounds(_votes(p, seed), n_max, alpha, THRESHOLDS, runs=runs, **kw)
 
 
 def _cases() -> list[float]:
@@ -74,24 +78,70 @@ def test_clear_images_stop_early_and_borderline_ones_use_the_budget():
     assert drawn.max() <= 800 and (lower >= THRESHOLDS[-1]).all()  # robust beyond 2σ after ≤ 800
     _, drawn, _ = _simulate(0.2, 0.001, 100_000, 1000, seed=1)
     assert drawn.max() == sequential_looks(100_000, 0.001, THRESHOLDS)[0]  # an abstention: at the first look
-    _, drawn, _ = _simulate(THRESHOLDS[4] + 1e-4, 0.001, 100_000, 200, seed=2)
-    assert np.median(drawn) == 100_000  # on a threshold: the whole budget
+    # at what the last look needs to certify a threshold: most of the budget (it may still certify it)
+    level = look_levels(0.001, len(sequential_looks(100_000, 0.001, THRESHOLDS)))[-1]
+    needed = float(reachable_levels(THRESHOLDS, 100_000, level)[4])
+    _, drawn, _ = _simulate(needed, 0.001, 100_000, 200, seed=2)
+    assert np.median(drawn) >= 50_000
+    # on the threshold itself: the last look would certify it with probability ~0 (its bound lies
+    # below p̂), so the futility bound stops it early, at the radius below, as fixed n would end
+    _, drawn, lower = _simulate(THRESHOLDS[4] + 1e-4, 0.001, 100_000, 200, seed=2)
+    assert np.median(drawn) < 100_000 and (lower < THRESHOLDS[4]).mean() > 0.95
 
 
-def test_look_points_double_and_end_at_n_max():
-    assert look_points(10_000) == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
-    assert look_points(1000, first=300) == [300, 600, 1000]
+def test_look_points_grow_by_half_and_end_at_n_max():
+    assert look_points(10_000) == [100, 150, 225, 338, 507, 761, 1142, 1713, 2570, 3855, 5783, 8675, 10_000]
+    assert look_points(1000, first=300) == [300, 450, 675, 1000]
+    assert look_points(1000, first=300, growth=2) == [300, 600, 1000]
     assert look_points(80) == [80]
     with pytest.raises(ValueError, match="n_max must be a positive integer"):
         look_points(0)
+    with pytest.raises(ValueError, match="growth must be a number > 1"):
+        look_points(1000, growth=1)
+
+
+def test_look_levels_spend_alpha_mostly_at_the_last_look_and_sum_to_it():
+    levels = look_levels(0.001, 9)
+    assert levels[-1] == pytest.approx(0.0008) and levels[:-1] == [pytest.approx(0.0002 / 8)] * 8
+    assert sum(levels) == pytest.approx(0.001) and look_levels(0.05, 1) == [0.05]
+
+
+@pytest.mark.parametrize("futility", [0.5, 1e-6])
+def test_the_futility_level_never_touches_the_guarantee(futility):
+    """The upper bound only decides when an image stops: at a futility level far looser (0.5) and far
+    stricter (1e-6) than the default, certificates are still wrong at rate <= α, on every threshold."""
+    for i, p in enumerate([*THRESHOLDS, 1.0]):
+        _, _, lower = _simulate(p, 0.05, 10_000, 5000, seed=1000 + i, futility=futility)
+        _check_rate(p, lower, 0.05)
+
+
+def test_futility_trades_samples_for_images_stopped_below_a_radius_they_could_reach():
+    """p_A exactly what the last look needs to certify a threshold t: a futility stop below t happens
+    at a look only when the β-upper bound falls below p_A, so at most β per look (K looks: K·β); a
+    looser β spends fewer samples on an image just below t."""
+    looks = sequential_looks(10_000, 0.001, THRESHOLDS)
+    level, t = look_levels(0.001, len(looks))[-1], THRESHOLDS[4]
+    needed = float(reachable_levels(THRESHOLDS, 10_000, level)[4])
+    for beta_ in (0.05, 0.2):
+        _, drawn, lower = _simulate(needed, 0.001, 10_000, 4000, seed=7, futility=beta_)
+        early_below = int(((drawn < 10_000) & (lower < t)).sum())
+        assert beta.ppf(0.05, early_below, 4000 - early_below + 1) <= len(looks) * beta_, (beta_, early_below)
+    mean_drawn = []
+    for beta_ in (1e-4, 0.05, 0.3):
+        _, drawn, _ = _simulate(t - 0.01, 0.001, 10_000, 2000, seed=8, futility=beta_)
+        mean_drawn.append(drawn.mean())
+    assert mean_drawn[0] > mean_drawn[1] > mean_drawn[2], mean_drawn
+    with pytest.raises(ValueError, match=r"futility must be in \(0, 1\)"):
+        certify_sequential(lambda x: torch.zeros(x.shape[0], 3), torch.rand(1, 1, 4, 4), 0.5, futility=1.0)
 
 
 @pytest.mark.parametrize("n_max", [1000, 10_000, 100_000])
 def test_the_first_look_is_the_fewest_samples_that_can_certify_the_top_radius(n_max):
     looks = sequential_looks(n_max, 0.001, THRESHOLDS)
-    level, first = 0.001 / len(looks), looks[0]
-    needed = reachable_levels(THRESHOLDS, n_max, level)
+    levels, first = look_levels(0.001, len(looks)), looks[0]
+    needed = reachable_levels(THRESHOLDS, n_max, levels[-1])
     top = max(t for t, p in zip(THRESHOLDS, needed) if p <= 1)
+    level = levels[0]
     # `first` straight successes certify `top`, one sample fewer would not
     assert (
         lower_confidence_bound(first, first, level)
@@ -148,7 +198,9 @@ def test_the_certifier_matches_its_loop_and_fixed_n_is_unchanged():
     assert seq.predictions.tolist() == [0] and int(seq.samples[0]) < 10_000
     looks = sequential_looks(10_000, 0.001, THRESHOLDS)
     assert lower_confidence_bound(
-        int(seq.counts[0]), int(seq.samples[0]), 0.001 / len(looks)
+        int(seq.counts[0]),
+        int(seq.samples[0]),
+        look_levels(0.001, len(looks))[looks.index(int(seq.samples[0]))],
     ) == pytest.approx(float(seq.p_lower[0]))
     assert float(seq.radii[0]) == pytest.approx(SIGMA * norm.ppf(float(seq.p_lower[0])))
     fixed = certify(clf, image[None], SIGMA, n0=50, n=10_000, generator=torch.Generator().manual_seed(0))
@@ -165,7 +217,8 @@ def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
     images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     out = pipe.certify(images, sigma=0.5, n0=20, n=3000, radii=[0.0, 0.25, 0.5],
                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    assert out.samples is not None and ((out.samples >= 100) & (out.samples <= 3000)).all()
+    first = sequential_looks(3000, 0.001, radius_thresholds([0.0, 0.25, 0.5], 0.5))[0]
+    assert out.samples is not None and ((out.samples >= first) & (out.samples <= 3000)).all()
     assert ((out.predictions >= 0) == (out.p_lower >= 0.5)).all()
     assert pipe.certify(images, sigma=0.5, n0=20, n=300).samples is None  # the default: fixed n
 
@@ -173,7 +226,8 @@ def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
     records = certify_dataset(
         pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 0.5], progress=False
     )
-    assert all(100 <= r["samples"] <= 3000 for r in records)
+    first = sequential_looks(3000, 0.001, radius_thresholds([0.0, 0.5], 0.5))[0]
+    assert all(first <= r["samples"] <= 3000 for r in records)
     assert [r["samples"] for r in read_records(tmp_path).values()] == [r["samples"] for r in records]
     row = report_row(records, "rrcm", 0.5, 20, 3000, 0.001)
     assert row["forward_passes"] == sum(r["samples"] for r in records) + 3 * 20

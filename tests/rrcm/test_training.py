@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from diffusers import DDPMScheduler
 
 from rrcm_diffusers import RRCMModel, RRCMPipeline
 from rrcm_diffusers.data import load_mnist, strided_class_subset
-from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
 from rrcm_diffusers.report import RADII, write_report
 from rrcm_diffusers.training import (
     FinetuneConfig,
@@ -115,20 +112,6 @@ def test_training_metrics_reach_the_accelerator_trackers(mnist):
     assert tracker.logs[0][1]["pretrain/loss"] == hist[0]["loss"]
     assert {"probe/loss", "probe/accuracy"} <= set(tracker.logs[2][1])
     assert {"finetune/loss", "finetune/kl"} <= set(tracker.logs[-1][1])
-
-
-def test_dds_timestep_matches_the_noise_level():
-    sched = DDPMScheduler(num_train_timesteps=1000)
-    pipe = DDSPipeline(
-        unet=small_unet(), scheduler=sched, classifier=tiny_model(num_classes=10, projection_dim=0)
-    )
-    abar = sched.alphas_cumprod.double()
-    for sigma in (0.25, 0.5, 1.0):
-        t = pipe.timestep_for_sigma(sigma)
-        ratio = math.sqrt((1 - abar[t]) / abar[t])
-        assert abs(ratio - 2 * sigma) < 0.02 * 2 * sigma
-        neighbours = [math.sqrt((1 - abar[u]) / abar[u]) for u in (t - 1, t + 1)]
-        assert all(abs(v - 2 * sigma) >= abs(ratio - 2 * sigma) for v in neighbours)
 
 
 def test_report_files(tmp_path):

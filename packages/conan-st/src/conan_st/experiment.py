@@ -182,6 +182,12 @@ def train_recipe(
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
     record["train_s"] = round(time.perf_counter() - t0, 1)
+    if trainer.state.global_step < config.steps:  # an epoch gave no batch: the trainer stops, with a log line
+        raise ValueError(
+            f"{config.recipe}: {trainer.state.global_step} of {config.steps} steps ran: the training set of "
+            f"{len(pairs)} pairs gives no batch of batch_size {config.batch_size} (rows with too few mined "
+            "negatives are dropped, and a batch may not repeat a text); raise train_queries or lower batch_size"
+        )
     record["s_per_step"] = round(record["train_s"] / config.steps, 3)
     if callback:
         record["dhnm_checks"] = callback.history

@@ -27,6 +27,16 @@ from ._checks import MAX_SIGMA, check_sigma  # noqa: F401 (MAX_SIGMA: part of th
 
 NOISE_CHUNK = 256
 ABSTAIN = -1
+# Sequential CERTIFY (issue #33; benchmarks/bench_certify_sequential.py, sequential_ceiling.py):
+# - looks LOOK_GROWTH apart: an image stops at most 1.5x after it could have (doubling: 2x);
+# - FINAL_SHARE of α at the last look, the rest split evenly over the others (a union bound: the
+#   levels sum to α). The images that run to n_max are the ones near a radius, so the last look's
+#   level decides whether they keep fixed-n's radius: at α/K, 5-7 of 500 MNIST images lost one;
+# - FUTILITY: the upper bound that judges a radius out of reach only decides when to stop, never
+#   a certificate, so it need not be conservative (α/K was).
+LOOK_GROWTH = 1.5
+FINAL_SHARE = 0.8
+FUTILITY = 0.05
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 
@@ -275,13 +285,15 @@ def certify(
 # ----------------------------------------------------------------------------- sequential CERTIFY
 
 
-def look_points(n_max: int, first: int = 100) -> list[int]:
-    """The sample counts at which the sequential certifier looks: ``first``, then doubling, and
-    ``n_max`` last (a look past ``n_max`` is never made)."""
+def look_points(n_max: int, first: int = 100, growth: float = LOOK_GROWTH) -> list[int]:
+    """The sample counts at which the sequential certifier looks: ``first``, then each ``growth``
+    times the last (rounded up), and ``n_max`` last (a look past ``n_max`` is never made)."""
     n_max, first = _check_count("n_max", n_max), _check_count("first_look", first)
+    if not (isinstance(growth, numbers.Real) and growth > 1):
+        raise ValueError(f"growth must be a number > 1, got {growth!r}")
     looks = [first]
-    while looks[-1] * 2 < n_max:
-        looks.append(looks[-1] * 2)
+    while looks[-1] * growth < n_max:
+        looks.append(math.ceil(looks[-1] * growth))
     return [m for m in looks if m < n_max] + [n_max]
 
 
@@ -308,25 +320,33 @@ def reachable_levels(thresholds: list[float], n_max: int, level: float) -> np.nd
     return np.where(lo <= n_max, lo / n_max, np.inf)
 
 
+def look_levels(alpha: float, looks: int) -> list[float]:
+    """The level of each of ``looks`` lower bounds: ``FINAL_SHARE``·α at the last, the rest of α split
+    evenly over the others (all of α for a single look). They sum to α: the union bound."""
+    if looks == 1:
+        return [alpha]
+    return [alpha * (1 - FINAL_SHARE) / (looks - 1)] * (looks - 1) + [alpha * FINAL_SHARE]
+
+
 @functools.lru_cache(maxsize=64)
 def _schedule(n_max: int, alpha: float, thresholds: tuple[float, ...], first: int | None):
-    """Looks, per-look level and reachable levels: the same for every image of a call (and of most
+    """Looks, per-look levels and reachable levels: the same for every image of a call (and of most
     calls), so computed once, not once per image."""
     looks = sequential_looks(n_max, alpha, list(thresholds)) if first is None else look_points(n_max, first)
-    level = alpha / len(looks)
-    return tuple(looks), level, tuple(reachable_levels(list(thresholds), n_max, level))
+    levels = look_levels(alpha, len(looks))
+    return tuple(looks), tuple(levels), tuple(reachable_levels(list(thresholds), n_max, levels[-1]))
 
 
 def sequential_looks(n_max: int, alpha: float, thresholds: list[float]) -> list[int]:
-    """The look schedule `certify_sequential` uses: doubling up to ``n_max``, from the fewest samples
+    """The look schedule `certify_sequential` uses: ``LOOK_GROWTH`` apart up to ``n_max``, from the fewest samples
     at which a run that never misses can certify the largest radius still reachable at ``n_max``
     (a look before that could stop nothing but abstentions, and would cost every image α)."""
     looks = look_points(n_max)
     for _ in range(8):  # the first look and the number of looks depend on each other; settles in 2–3
-        level = alpha / len(looks)
-        reachable = [t for t, p in zip(thresholds, reachable_levels(thresholds, n_max, level)) if p <= 1]
+        levels = look_levels(alpha, len(looks))
+        reachable = [t for t, p in zip(thresholds, reachable_levels(thresholds, n_max, levels[-1])) if p <= 1]
         top = reachable[-1] if reachable else thresholds[0]
-        first = min(n_max, max(1, math.ceil(math.log(level) / math.log(top))))  # level^(1/m) >= top
+        first = min(n_max, max(1, math.ceil(math.log(levels[0]) / math.log(top))))  # level^(1/m) >= top
         if look_points(n_max, first) == looks:
             break
         looks = look_points(n_max, first)
@@ -340,37 +360,42 @@ def sequential_bounds(
     thresholds: list[float],
     first: int | None = None,
     runs: int = 1,
+    futility: float = FUTILITY,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The sampling loop of `certify_sequential` on counts alone, for ``runs`` independent images at
     once (one in the certifier; 10^5 in the validity test): ``draw(k, active)`` returns, for each run
     in ``active`` (indices), its votes for the selected class among ``k`` fresh samples.
 
-    At each look point n_1 < … < n_K = ``n_max`` (`sequential_looks`, or doubling from ``first``)
-    the one-sided Clopper–Pearson bounds at level α/K are computed from all votes so far. A run stops
-    as soon as nothing more can change its radius on the grid: every threshold is either below its
-    lower bound (certified) or out of reach, i.e. its upper bound is below the vote fraction the
-    last look would need to certify it (`reachable_levels`). That covers a lower bound past the
-    highest threshold, a bucket decided between two thresholds, and an abstention (no threshold,
-    1/2 included, within reach); otherwise it runs to ``n_max``. Returns per run (votes, samples,
-    lower bound).
+    At each look point n_1 < … < n_K = ``n_max`` (`sequential_looks`, or ``LOOK_GROWTH`` apart from
+    ``first``) the one-sided Clopper–Pearson lower bound at level α_k (`look_levels`: 0.8α at the last
+    look, 0.2α split over the others) is computed from all votes so far. A run stops as soon as nothing more can change its radius on the grid: every threshold is
+    either below its lower bound (certified) or out of reach, i.e. its upper bound at level
+    ``futility`` is below the vote fraction the last look would need to certify it
+    (`reachable_levels`). That covers a lower bound past the highest threshold, a bucket decided
+    between two thresholds, and an abstention (no threshold, 1/2 included, within reach); otherwise
+    it runs to ``n_max``. Returns per run (votes, samples, lower bound).
 
-    Guarantee (a union bound over the K looks): with probability ≥ 1 − α EVERY look's lower bound is
+    Guarantee (a union bound over the K looks, Σ α_k = α): with probability ≥ 1 − α EVERY look's lower bound is
     below p_A, so the one returned is, whichever look any rule stops at. A certificate of radius
     σΦ⁻¹(lower) is therefore wrong with probability ≤ α for every image, however early it stopped.
-    The stopping rule only decides how many samples an image gets, never the bound's level."""
-    looks, level, needed = _schedule(n_max, alpha, tuple(thresholds), first)
+    The stopping rule only decides how many samples an image gets, never the bound's level; so
+    ``futility`` (any level in (0, 1)) trades samples against certified accuracy, never the
+    guarantee: at each look, an image whose p_A is at least what the last look needs for a radius
+    is stopped below that radius with probability ≤ ``futility``."""
+    _check_futility(futility)
+    looks, look_alpha, needed = _schedule(n_max, alpha, tuple(thresholds), first)
     levels = np.asarray(thresholds, dtype=np.float64)  # (T,)
     needed = np.asarray(needed)  # (T,)
     votes, drawn = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
     lower = np.zeros(runs)
     active = np.arange(runs)
-    for m in looks:
+    for m, level in zip(looks, look_alpha):
         votes[active] += np.asarray(draw(m - int(drawn[active[0]]), active), dtype=np.int64)
         drawn[active] = m
         v = votes[active]
         with np.errstate(invalid="ignore"):  # v = 0 (lower) and v = m (upper) are set below
             low = np.where(v > 0, beta.ppf(level, v, m - v + 1), 0.0)  # (A,)
-            up = np.where(v < m, beta.ppf(1 - level, v + 1, m - v), 1.0)  # (A,)
+            up = np.where(v < m, beta.ppf(1 - futility, v + 1, m - v), 1.0)  # (A,)
         lower[active] = low
         certified = (levels[None, :] <= low[:, None]).sum(1)  # (A,) thresholds already reached
         in_reach = (needed[None, :] <= up[:, None]).sum(1)  # (A,) thresholds n_max could still reach
@@ -378,6 +403,11 @@ def sequential_bounds(
         if active.size == 0:
             break
     return votes, drawn, lower
+
+
+def _check_futility(futility: float) -> None:
+    if not (isinstance(futility, numbers.Real) and not isinstance(futility, bool) and 0 < futility < 1):
+        raise ValueError(f"futility must be in (0, 1), got {futility!r}")
 
 
 def certify_sequential(
@@ -392,16 +422,19 @@ def certify_sequential(
     generator: torch.Generator | None = None,
     progress: bool = False,
     first_look: int | None = None,
+    futility: float = FUTILITY,
 ) -> CertifyResult:
     """CERTIFY with early stopping: the same guarantee as `certify` at a fraction of the samples.
 
     Per image: select c_A with ``n0`` samples as CERTIFY does, then draw samples in rounds (look
-    points doubling up to ``n_max``, from the fewest samples that could certify the largest radius
+    points 1.5x apart up to ``n_max``, from the fewest samples that could certify the largest radius
     of the grid: `sequential_looks`; or from ``first_look``) and stop when the image's radius on the
     grid ``radii`` (the radii you report; default: 0 to 2σ in steps of σ/4) can no longer change
-    within ``n_max`` samples — see `sequential_bounds`.
-    The certified radius is σΦ⁻¹ of the Clopper–Pearson lower bound at level α/K (K look points), so
-    for every image, whenever it stops, P(the returned class is not the smoothed classifier's, robust
+    within ``n_max`` samples — see `sequential_bounds`. ``futility`` is the level of the upper bound
+    that judges a radius out of reach: larger stops sooner and loses more images to the radius below
+    (never validity).
+    The certified radius is σΦ⁻¹ of the Clopper–Pearson lower bound at the stopping look's level
+    (levels summing to ``alpha`` over the looks, 0.8·``alpha`` at the last: `look_levels`), so for every image, whenever it stops, P(the returned class is not the smoothed classifier's, robust
     at the returned radius) ≤ ``alpha``. The radius is exact, not rounded to the grid; only the
     decision to stop looks at the grid. ``samples`` in the result: estimation samples used per image.
 
@@ -413,6 +446,7 @@ def certify_sequential(
     images = _check_images(images)
     _check_common(sigma, alpha, batch_size)
     n0, n_max = _check_count("n0", n0), _check_count("n_max", n_max)
+    _check_futility(futility)
     thresholds = radius_thresholds([i * sigma / 4 for i in range(9)] if radii is None else list(radii), sigma)
     preds, out_radii, lows, votes, used = [], [], [], [], []
     for image in tqdm(images, disable=not progress, desc="certify (sequential)"):
@@ -422,7 +456,9 @@ def certify_sequential(
             counts = sample_counts(classifier, image, sigma, k, batch_size, generator=generator)
             return np.array([int(counts[c_a]) if c_a < counts.numel() else 0])
 
-        (n_a,), (drawn,), (p_low,) = sequential_bounds(draw, n_max, alpha, thresholds, first_look)
+        (n_a,), (drawn,), (p_low,) = sequential_bounds(
+            draw, n_max, alpha, thresholds, first_look, futility=futility
+        )
         n_a, drawn, p_low = int(n_a), int(drawn), float(p_low)
         certified = p_low >= 0.5
         preds.append(c_a if certified else ABSTAIN)

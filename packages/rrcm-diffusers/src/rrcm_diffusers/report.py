@@ -35,8 +35,8 @@ from .certification import (
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 SEQUENTIAL_GUARANTEE = (
     "Sequential rows: each image drew samples in rounds and stopped once its radius on the table's grid "
-    "could not change within n; its bound holds at every round at once (Clopper–Pearson at α/K over K "
-    "looks), so for every image, whenever it stopped, its certificate is wrong with probability ≤ α."
+    "could not change within n; its bound holds at every round at once (Clopper–Pearson at levels summing "
+    "to α over the rounds), so for every image, whenever it stopped, its certificate is wrong with probability ≤ α."
 )
 TESTED_RADII = [0.0, 0.5, 1.0]  # where the intervals and paired tests are tabulated
 SEED_RADII = [0.0, 0.25, 0.5, 0.75, 1.0]  # the radii of the over-seeds table
