@@ -338,9 +338,9 @@ def _schedule(n_max: int, alpha: float, thresholds: tuple[float, ...], first: in
 
 
 def sequential_looks(n_max: int, alpha: float, thresholds: list[float]) -> list[int]:
-    """The look schedule `certify_sequential` uses: ``LOOK_GROWTH`` apart up to ``n_max``, from the fewest samples
-    at which a run that never misses can certify the largest radius still reachable at ``n_max``
-    (a look before that could stop nothing but abstentions, and would cost every image α)."""
+    """The look schedule `certify_sequential` uses: ``LOOK_GROWTH`` apart up to ``n_max``, from the
+    fewest samples at which a run that never misses can certify the largest radius still reachable
+    at ``n_max`` (a look before that could stop nothing but abstentions, and would cost every image α)."""
     looks = look_points(n_max)
     for _ in range(8):  # the first look and the number of looks depend on each other; settles in 2–3
         levels = look_levels(alpha, len(looks))
@@ -368,17 +368,17 @@ def sequential_bounds(
 
     At each look point n_1 < … < n_K = ``n_max`` (`sequential_looks`, or ``LOOK_GROWTH`` apart from
     ``first``) the one-sided Clopper–Pearson lower bound at level α_k (`look_levels`: 0.8α at the last
-    look, 0.2α split over the others) is computed from all votes so far. A run stops as soon as nothing more can change its radius on the grid: every threshold is
-    either below its lower bound (certified) or out of reach, i.e. its upper bound at level
-    ``futility`` is below the vote fraction the last look would need to certify it
-    (`reachable_levels`). That covers a lower bound past the highest threshold, a bucket decided
-    between two thresholds, and an abstention (no threshold, 1/2 included, within reach); otherwise
-    it runs to ``n_max``. Returns per run (votes, samples, lower bound).
+    look, 0.2α split over the others) is computed from all votes so far. A run stops as soon as
+    nothing more can change its radius on the grid: every threshold is either below its lower bound
+    (certified) or out of reach, i.e. its upper bound at level ``futility`` is below the vote fraction
+    the last look would need to certify it (`reachable_levels`). That covers a lower bound past the
+    highest threshold, a bucket decided between two thresholds, and an abstention (no threshold, 1/2
+    included, within reach); otherwise it runs to ``n_max``. Returns per run (votes, samples, lower bound).
 
-    Guarantee (a union bound over the K looks, Σ α_k = α): with probability ≥ 1 − α EVERY look's lower bound is
-    below p_A, so the one returned is, whichever look any rule stops at. A certificate of radius
-    σΦ⁻¹(lower) is therefore wrong with probability ≤ α for every image, however early it stopped.
-    The stopping rule only decides how many samples an image gets, never the bound's level; so
+    Guarantee (a union bound over the K looks, Σ α_k = α): with probability ≥ 1 − α EVERY look's
+    lower bound is below p_A, so the one returned is, whichever look any rule stops at. A certificate
+    of radius σΦ⁻¹(lower) is therefore wrong with probability ≤ α for every image, however early it
+    stopped. The stopping rule only decides how many samples an image gets, never the bound's level; so
     ``futility`` (any level in (0, 1)) trades samples against certified accuracy, never the
     guarantee: at each look, an image whose p_A is at least what the last look needs for a radius
     is stopped below that radius with probability ≤ ``futility``."""
@@ -434,8 +434,9 @@ def certify_sequential(
     that judges a radius out of reach: larger stops sooner and loses more images to the radius below
     (never validity).
     The certified radius is σΦ⁻¹ of the Clopper–Pearson lower bound at the stopping look's level
-    (levels summing to ``alpha`` over the looks, 0.8·``alpha`` at the last: `look_levels`), so for every image, whenever it stops, P(the returned class is not the smoothed classifier's, robust
-    at the returned radius) ≤ ``alpha``. The radius is exact, not rounded to the grid; only the
+    (levels summing to ``alpha`` over the looks, 0.8·``alpha`` at the last: `look_levels`), so for
+    every image, whenever it stops, P(the returned class is not the smoothed classifier's, robust at
+    the returned radius) ≤ ``alpha``. The radius is exact, not rounded to the grid; only the
     decision to stop looks at the grid. ``samples`` in the result: estimation samples used per image.
 
     References: the union-bound confidence sequence over a fixed schedule of looks is the classical
