@@ -97,8 +97,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--out", default=None, help="write per-image certificates to OUT-n<n>.json")
-    parser.add_argument("--fixed-from", default=None, help="reuse the fixed-n arm of FIXED_FROM-n<n>.json")
-    parser.add_argument(
+    fixed_arm = parser.add_mutually_exclusive_group()
+    fixed_arm.add_argument("--fixed-from", default=None, help="reuse the fixed-n arm of FIXED_FROM-n<n>.json")
+    fixed_arm.add_argument(
         "--skip-fixed",
         action="store_true",
         help="run the sequential arm alone: fixed n's forward passes are exact (images x (n0 + n)), its "
@@ -117,12 +118,10 @@ def main() -> None:
     for n in args.n:
         settings = (labels, args.sigma, args.n0, n, args.alpha, radii, args.batch_size)
         fixed = fixed_result = None
-        if args.skip_fixed:
-            pass
-        elif args.fixed_from is None:
-            fixed, fixed_result = _run("fixed", classifier, images, *settings)
-        else:
+        if args.fixed_from:
             fixed, fixed_result = _reuse(args, n, labels)
+        elif not args.skip_fixed:
+            fixed, fixed_result = _run("fixed", classifier, images, *settings)
         seq, seq_result = _run("sequential", classifier, images, *settings)
         rows = [fixed, seq] if fixed else [seq]
         looks = sequential_looks(n, args.alpha, radius_thresholds(radii, args.sigma))

@@ -31,9 +31,14 @@ from rrcm_diffusers.certification import FUTILITY, radius_thresholds, reachable_
 from rrcm_diffusers.report import RADII
 
 
-def _accuracy(lower: np.ndarray, correct: np.ndarray, sigma: float, radii: list[float]) -> np.ndarray:
+def _certified(lower: np.ndarray, correct: np.ndarray, sigma: float, radii: list[float]) -> np.ndarray:
+    """(R, N): image certified correct at each radius, from its lower bound of p_A."""
     radius = np.where(lower >= 0.5, sigma * norm.ppf(np.clip(lower, 0.5, 1 - 1e-16)), -1.0)  # (N,)
-    return np.array([100 * ((radius >= r) & correct).mean() for r in radii])
+    return np.array([(radius >= r) & correct for r in radii])
+
+
+def _accuracy(lower: np.ndarray, correct: np.ndarray, sigma: float, radii: list[float]) -> np.ndarray:
+    return 100 * _certified(lower, correct, sigma, radii).mean(1)  # (R,) %
 
 
 def _fixed(p: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -43,7 +48,8 @@ def _fixed(p: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> np.
 
 
 def _ceiling(p: np.ndarray, n_max: int, alpha: float, thresholds: list[float], futility: float) -> np.ndarray:
-    """Per image, the fewest samples one look at level α needs to settle fixed-n's bucket."""
+    """Per image, the fewest samples one look (lower bound at α, upper at ``futility``) needs to settle
+    fixed-n's bucket."""
     levels = np.asarray(thresholds)
     needed = reachable_levels(thresholds, n_max, alpha)  # (T,) p̂ fixed-n needs at n_max
     grid = np.unique(np.round(np.geomspace(10, n_max, 300)).astype(int))  # (G,)
@@ -80,16 +86,14 @@ def _paired(data: dict, sigma: float, args, thresholds: list[float], radii: list
     fixed_run, n = data["fixed"], max(data["looks"])
     votes = np.asarray(fixed_run["counts"])  # (N,)
     correct = np.asarray(fixed_run["predictions"]) == np.asarray(data["labels"])  # (N,)
-    fixed_radius = np.where(np.asarray(fixed_run["predictions"]) >= 0, np.asarray(fixed_run["radii"]), -1.0)
-    fixed_ok = np.array([(fixed_radius >= r) & correct for r in radii])  # (R, N)
+    fixed_ok = _certified(np.asarray(fixed_run["p_lower"]), correct, sigma, radii)  # (R, N)
     rng = np.random.default_rng(0)
     diffs, lost, passes = [], [], []
     for _ in range(args.reps):
         _, drawn, lower = sequential_bounds(
             _bridge(votes, n, rng), n, args.alpha, thresholds, runs=votes.size, futility=args.futility
         )
-        radius = np.where(lower >= 0.5, sigma * norm.ppf(np.clip(lower, 0.5, 1 - 1e-16)), -1.0)  # (N,)
-        ok = np.array([(radius >= r) & correct for r in radii])  # (R, N)
+        ok = _certified(lower, correct, sigma, radii)  # (R, N)
         diffs.append(100 * (ok.mean(1) - fixed_ok.mean(1)))
         lost.append((fixed_ok & ~ok).sum(1))
         passes.append(int(drawn.sum()) + votes.size * args.n0)

@@ -73,6 +73,8 @@ def test_sequential_certification_benchmark_runs_on_a_saved_pipeline(tmp_path, d
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("ceiling    forward passes") == 2 and "n_max 1,000" in run.stdout
+    assert "n_max 300 paired with the fixed run's own votes" in run.stdout  # the bridge, at the measured n
+    assert "images fixed-n certified that the rule did not" in run.stdout
     # the fixed arm reused from that file gives the same table; --skip-fixed runs the sequential arm alone
     bench = [sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args_bench]
     again = subprocess.run([*bench[:-2], "--fixed-from", str(tmp_path / "seq")], capture_output=True, text=True,

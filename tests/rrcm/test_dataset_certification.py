@@ -130,21 +130,28 @@ def test_certificates_do_not_depend_on_processes_or_batch_size(world, count, bat
     assert _strip([written[i] for i in sorted(written)]) == reference[:count]
 
 
+@pytest.fixture(scope="module")
+def sequential_reference(pipe_dir, tmp_path_factory):
+    """One process, batch size 64, certified sequentially on SEQUENTIAL_RADII."""
+    images, labels = _images()
+    out = tmp_path_factory.mktemp("one-sequential")
+    records = certify_dataset(load_pipeline(pipe_dir), images, labels, SIGMA, out, n0=N0, n=N, batch_size=64,
+                              radii=SEQUENTIAL_RADII, progress=False)  # fmt: skip
+    assert len({r["samples"] for r in records}) > 1  # the images did stop at different looks
+    return _strip(records)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("world,batch_size", [(2, 40), (3, 30)])
 def test_sequential_certificates_and_samples_do_not_depend_on_processes(
-    world, batch_size, runs, pipe_dir, tmp_path
+    world, batch_size, runs, sequential_reference
 ):
     """Per-image cost now varies (each image stops at its own look); the images are handed out from a
     shared queue, and every certificate, samples used included, is the one process's, to the bit."""
-    images, labels = _images()
-    one = certify_dataset(load_pipeline(pipe_dir), images, labels, SIGMA, tmp_path, n0=N0, n=N, batch_size=64,
-                          radii=SEQUENTIAL_RADII, progress=False)  # fmt: skip
-    assert len({r["samples"] for r in one}) > 1  # the images did stop at different looks
     results, folder = runs(world, 7, batch_size, tuple(SEQUENTIAL_RADII))
-    assert all(r == _strip(one) for r in results)
+    assert all(r == sequential_reference for r in results)
     written = read_records(folder)
-    assert _strip([written[i] for i in sorted(written)]) == _strip(one)
+    assert _strip([written[i] for i in sorted(written)]) == sequential_reference
 
 
 @pytest.mark.distributed

@@ -108,9 +108,14 @@ def _check_common(sigma: float, alpha: float, batch_size: int) -> None:
     # a bool is a Real (True would be σ = 1); past MAX_SIGMA the noise drowns any [0, 1] image and
     # overflows float16/bfloat16 (1e300 became inf in float32 and reached the model as NaN logits)
     check_sigma(sigma)
-    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    _check_level("alpha", alpha)
     _check_count("batch_size", batch_size)
+
+
+def _check_level(name: str, value) -> None:
+    """A probability level in (0, 1) (``alpha``, ``futility``); a bool is refused, not read as 0 or 1."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < 1):
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
 
 
 def check_arguments(
@@ -382,7 +387,7 @@ def sequential_bounds(
     ``futility`` (any level in (0, 1)) trades samples against certified accuracy, never the
     guarantee: at each look, an image whose p_A is at least what the last look needs for a radius
     is stopped below that radius with probability ≤ ``futility``."""
-    _check_futility(futility)
+    _check_level("futility", futility)
     looks, look_alpha, needed = _schedule(n_max, alpha, tuple(thresholds), first)
     levels = np.asarray(thresholds, dtype=np.float64)  # (T,)
     needed = np.asarray(needed)  # (T,)
@@ -403,11 +408,6 @@ def sequential_bounds(
         if active.size == 0:
             break
     return votes, drawn, lower
-
-
-def _check_futility(futility: float) -> None:
-    if not (isinstance(futility, numbers.Real) and not isinstance(futility, bool) and 0 < futility < 1):
-        raise ValueError(f"futility must be in (0, 1), got {futility!r}")
 
 
 def certify_sequential(
@@ -447,7 +447,7 @@ def certify_sequential(
     images = _check_images(images)
     _check_common(sigma, alpha, batch_size)
     n0, n_max = _check_count("n0", n0), _check_count("n_max", n_max)
-    _check_futility(futility)
+    _check_level("futility", futility)
     thresholds = radius_thresholds([i * sigma / 4 for i in range(9)] if radii is None else list(radii), sigma)
     preds, out_radii, lows, votes, used = [], [], [], [], []
     for image in tqdm(images, disable=not progress, desc="certify (sequential)"):
