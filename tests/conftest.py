@@ -27,3 +27,11 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"real data not found at {DATA} (expected ../shared/data beside the repo)")
     return DATA
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that start processes first. pytest-xdist (``--dist loadfile``) hands out whole files
+    in collection order, so the longest go out first and the short ones fill the gaps at the end;
+    a stable sort keeps each file's own order (its module fixtures rely on it)."""
+    launches = {item.path for item in items if item.get_closest_marker("distributed")}
+    items.sort(key=lambda item: item.path not in launches)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared_dist.testing import free_port
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 DATA = README.parent.parent / "shared" / "data"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the name the README loads
@@ -171,16 +173,6 @@ def result_records(stdout: str) -> list[dict]:
     return [decoder.raw_decode(chunk.lstrip())[0] for chunk in stdout.split("RESULT ")[1:]]
 
 
-def _free_port() -> int:
-    """A port free now: accelerate before 1.5 passes port 0 on to the workers, which then wait for
-    each other forever (seen with accelerate 1.3, the lowest conan-st allows)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_script(
     script: Path, cwd: Path, python: str = sys.executable, processes: int = 1, timeout: float = 600, env=None
 ) -> list[dict]:
@@ -198,7 +190,9 @@ def run_script(
         env["ACCELERATE_USE_CPU"] = "true"
         cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(script)]  # fmt: skip
+               "--main_process_port", str(free_port()), str(script)]  # fmt: skip
+        # a real port, not 0: accelerate before 1.5 passes 0 on to the workers, which then wait for
+        # each other forever (seen with accelerate 1.3, the lowest conan-st allows)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shared_dist.testing import free_port
 from tests.helpers import REPO, accelerate_launch
 
 CONFIG = REPO / "examples/rrcm/configs/mnist_quick.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _machine(rank: int, port: int, out, steps: int, env: dict) -> subprocess.Popen:
@@ -77,7 +71,7 @@ def test_two_machines_train_as_one_machine_with_two_processes(tmp_path, data_dir
         "--steps", "6", timeout=600, env={k: env[k] for k in ("RRCM_DATA_DIR", "SHARED_DIST_TIMEOUT")},
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     machines = [_machine(r, port, tmp_path / "two", 6, env) for r in (0, 1)]
     for m in machines:
         _, err = m.communicate(timeout=600)
@@ -91,7 +85,7 @@ def test_two_machines_train_as_one_machine_with_two_processes(tmp_path, data_dir
 @pytest.mark.timeout(600)
 def test_killing_one_machine_makes_the_other_fail_with_a_message(tmp_path, data_dir):
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     machines = [_machine(r, port, out, 100_000, _env(data_dir)) for r in (0, 1)]
     deadline = time.monotonic() + 300
     while not (out / "log.jsonl").is_file():  # training has started on both

@@ -48,8 +48,8 @@ def test_the_generic_loader_asks_for_trust_remote_code_and_the_own_class_imports
     assert type(RRCMPipeline.from_pretrained(tmp_path)) is RRCMPipeline
 
 
-def _w_load(folder) -> str:
-    return type(load_pipeline(folder)).__name__
+def _w_load(folders) -> list[str]:
+    return [type(load_pipeline(folder)).__name__ for folder in folders]
 
 
 @pytest.mark.distributed
@@ -61,8 +61,10 @@ def test_three_ranks_load_an_rrcm_and_a_dds_folder_at_once(tmp_path):
     DDSPipeline(
         unet=small_unet(), scheduler=DDPMScheduler(), classifier=tiny_model(num_classes=3)
     ).save_pretrained(tmp_path / "dds")
-    assert launch(_w_load, 3, (tmp_path / "rrcm",), timeout=120) == ["RRCMPipeline"] * 3
-    assert launch(_w_load, 3, (tmp_path / "dds",), timeout=120) == ["DDSPipeline"] * 3
+    folders = [tmp_path / "rrcm", tmp_path / "dds"]  # one launch: each rank loads both, in turn
+    rrcm, dds = zip(*launch(_w_load, 3, (folders,), timeout=120))  # per rank -> per folder
+    assert rrcm == ("RRCMPipeline",) * 3
+    assert dds == ("DDSPipeline",) * 3
 
 
 def test_the_model_card_shows_both_calls(tmp_path):

@@ -397,10 +397,11 @@ def sequential_bounds(
     for m, level in zip(looks, look_alpha):
         votes[active] += np.asarray(draw(m - int(drawn[active[0]]), active), dtype=np.int64)
         drawn[active] = m
-        v = votes[active]
+        # the bounds depend on the vote count alone: compute them once per distinct count (U ≪ A)
+        v, index = np.unique(votes[active], return_inverse=True)  # (U,), (A,)
         with np.errstate(invalid="ignore"):  # v = 0 (lower) and v = m (upper) are set below
-            low = np.where(v > 0, beta.ppf(level, v, m - v + 1), 0.0)  # (A,)
-            up = np.where(v < m, beta.ppf(1 - futility, v + 1, m - v), 1.0)  # (A,)
+            low = np.where(v > 0, beta.ppf(level, v, m - v + 1), 0.0)[index]  # (A,)
+            up = np.where(v < m, beta.ppf(1 - futility, v + 1, m - v), 1.0)[index]  # (A,)
         lower[active] = low
         certified = (levels[None, :] <= low[:, None]).sum(1)  # (A,) thresholds already reached
         in_reach = (needed[None, :] <= up[:, None]).sum(1)  # (A,) thresholds n_max could still reach
