@@ -87,11 +87,13 @@ def test_the_cifar_dds_config_certifies_the_cifar_tables_models_on_a_subset_of_i
     labels = torch.arange(10).repeat_interleave(100)  # the test-1k split: 100 per class
     small = strided_class_subset(labels, dds.certify.per_class)
     assert set(small.tolist()) < set(strided_class_subset(labels, table.certify.per_class).tolist())
-    assert (dds.certify.n0, dds.certify.n, dds.certify.alpha) == (
-        table.certify.n0,
-        table.certify.n,
-        table.certify.alpha,
-    )
+    for key in ("n0", "n", "alpha", "sequential"):  # the same certification, on fewer images
+        assert getattr(dds.certify, key) == getattr(table.certify, key), key
+
+
+def test_the_cifar_config_certifies_all_shared_test_images_sequentially():
+    certify = load_config(REPO / "examples/rrcm/configs/cifar10_cpu.yaml").certify
+    assert certify.per_class == 100 and certify.sequential  # the test-1k split: 100 per class
 
 
 def test_the_cifar_equal_step_cohen_config_changes_only_cohens_steps_to_rrcms_total():
