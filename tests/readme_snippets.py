@@ -188,11 +188,11 @@ def run_script(
         cmd = [python, str(script)]
     else:  # the README's two-CPU-process launch (plain --cpu would start ONE process)
         env["ACCELERATE_USE_CPU"] = "true"
+        # a real port, not 0: accelerate before 1.5 passes 0 on to the workers, which then wait for
+        # each other forever (seen with accelerate 1.3, the lowest conan-st allows)
         cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(script)]  # fmt: skip
-        # a real port, not 0: accelerate before 1.5 passes 0 on to the workers, which then wait for
-        # each other forever (seen with accelerate 1.3, the lowest conan-st allows)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
