@@ -674,6 +674,14 @@ EXPERIMENT_VALUE_CASES = {  # refused at load, before any stage claims a folder
         dict(certify={"sequential": "yes"}),
         r"certify.sequential must be true or false, got 'yes'",
     ),
+    "certify futility without sequential": (
+        dict(certify={"futility": 0.2}),
+        r"certify.futility \(0.2\) applies only with certify.sequential: true",
+    ),
+    "certify futility 1.5": (
+        dict(certify={"sequential": True, "futility": 1.5}),
+        r"certify.futility must be in \(0, 1\), got 1.5",
+    ),
     "sigmas negative": (dict(sigmas=[0.5, -0.25]), r"sigmas\[...\] must be a finite number > 0"),
     "sigmas empty": (dict(sigmas=[]), "sigmas must be a non-empty list"),
     "sigmas a number": (dict(sigmas=0.5), "sigmas must be a non-empty list"),

@@ -340,6 +340,8 @@ def test_an_identical_repeated_line_is_harmless(pipe_dir, tmp_path):
         (["--sigma", "nan"], "--sigma: expected a finite number > 0"),
         (["--alpha", "1"], r"--alpha: expected a number in \(0, 1\)"),
         (["--dataset", "mnsit"], "--dataset: invalid choice"),
+        (["--radii", "0", "0.5", "--futility", "1"], r"--futility: expected a number in \(0, 1\)"),
+        (["--futility", "0.2"], "--futility applies only to sequential certification: give --radii"),
     ],
 )
 def test_cli_counts_and_values_are_checked_before_anything_runs(flags, message, tmp_path, capsys):

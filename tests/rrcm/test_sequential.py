@@ -5,6 +5,8 @@ untouched."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +235,53 @@ def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
     assert row["forward_passes"] == sum(r["samples"] for r in records) + 3 * 20
     with pytest.raises(ValueError, match=r"differs in \['radii'\]"):
         certify_dataset(pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 1.0], progress=False)
+
+
+def test_futility_reaches_the_pipelines_and_the_dataset_runs_and_is_refused_without_radii(tmp_path):
+    from rrcm_diffusers import RRCMPipeline
+    from rrcm_diffusers.dataset_certification import certify_dataset, image_generator
+    from tests.rrcm.helpers import tiny_model
+
+    pipe = RRCMPipeline(model=tiny_model(num_classes=3, projection_dim=0))
+    images, labels = (
+        torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([0, 1, 2]),
+    )
+    radii, clf = [0.0, 0.25, 0.5], pipe.base_classifier(0.5)
+    seq = dict(n0=20, n_max=3000, radii=radii)
+
+    def direct(futility, i=None, seed=0):  # certify_sequential itself, the reference
+        x, g = (
+            (images, torch.Generator().manual_seed(seed))
+            if i is None
+            else (images[i : i + 1], image_generator(0, i))
+        )
+        return certify_sequential(clf, x, 0.5, futility=futility, generator=g, **seq)
+
+    def piped(futility):
+        return pipe.certify(images, sigma=0.5, n0=20, n=3000, radii=radii, futility=futility,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    loose, default = piped(0.5), piped(None)
+    for got, want in ((loose, direct(0.5)), (default, direct(0.05))):
+        assert got.samples.tolist() == want.samples.tolist() and torch.equal(got.radii, want.radii)
+    assert int(loose.samples.sum()) < int(default.samples.sum())  # a looser futility stops sooner here
+    with pytest.raises(ValueError, match=r"futility \(0.5\) applies only to sequential certification"):
+        pipe.certify(images, sigma=0.5, n0=20, n=300, futility=0.5)  # fixed n: refused, not ignored
+
+    records = certify_dataset(pipe, images, labels, 0.5, tmp_path / "loose", n0=20, n=3000, radii=radii,
+                              futility=0.5, progress=False)  # fmt: skip
+    assert [r["samples"] for r in records] == [int(direct(0.5, i).samples[0]) for i in range(3)]
+    run = json.loads((tmp_path / "loose" / "run.json").read_text())
+    assert run["futility"] == 0.5
+    with pytest.raises(ValueError, match=r"differs in \['futility'\]"):  # other certificates: another run
+        certify_dataset(
+            pipe, images, labels, 0.5, tmp_path / "loose", n0=20, n=3000, radii=radii, progress=False
+        )
+    certify_dataset(pipe, images[:1], labels[:1], 0.5, tmp_path / "default", n0=20, n=3000, radii=radii,
+                    futility=0.05, progress=False)  # fmt: skip
+    # the default leaves the record as before: folders certified before futility was an option resume
+    assert "futility" not in json.loads((tmp_path / "default" / "run.json").read_text())
 
 
 def test_the_report_states_the_guarantee_and_where_the_samples_went():

@@ -118,6 +118,20 @@ def _check_level(name: str, value) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
 
 
+def check_futility(futility: float | None, radii: list[float] | None) -> float:
+    """The futility level a sequential caller passes on: ``FUTILITY`` when unset. Set without
+    ``radii`` (fixed-n CERTIFY, which has no stopping rule) it is refused, not silently ignored."""
+    if futility is None:
+        return FUTILITY
+    if radii is None:
+        raise ValueError(
+            f"futility ({futility!r}) applies only to sequential certification: pass radii (the radii "
+            "you report) as well, or leave futility unset"
+        )
+    _check_level("futility", futility)
+    return float(futility)
+
+
 def check_arguments(
     *, images: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, batch_size: int
 ) -> None:

@@ -89,6 +89,11 @@ def certify_parser() -> argparse.ArgumentParser:
         help="the radii you report: certify sequentially, each image stopping once its radius on this grid "
         "is decided (--n is then the most samples per image); default: fixed-n CERTIFY",
     )  # fmt: skip
+    parser.add_argument(
+        "--futility", type=probability_arg, default=None, metavar="LEVEL",
+        help="with --radii: the level of the upper bound that judges a radius out of reach; larger stops "
+        "images sooner and loses more to the radius below, never the guarantee (default: 0.05)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -45,7 +45,15 @@ from shared_dist import broadcast_object, gather_object, get_rank, next_index
 
 from ._atomic import claim_folder
 from ._checks import check_int
-from .certification import CertifyResult, certify, certify_sequential, check_arguments, radius_thresholds
+from .certification import (
+    FUTILITY,
+    CertifyResult,
+    certify,
+    certify_sequential,
+    check_arguments,
+    check_futility,
+    radius_thresholds,
+)
 from .pipeline_dds import DDSPipeline
 from .pipeline_rrcm import RRCMPipeline
 from .report import summary_row, write_report
@@ -152,6 +160,7 @@ def certify_dataset(
     seed: int = 0,
     progress: bool = True,
     radii: list[float] | None = None,
+    futility: float | None = None,
 ) -> list[dict[str, Any]]:
     """Certify ``images`` (N, C, H, W) in [0, 1] across the processes of the running job.
 
@@ -160,7 +169,8 @@ def certify_dataset(
     ``prediction`` (-1: abstain), ``radius``, ``p_lower``, ``count`` and ``seconds``.
     Finished images in ``out`` are kept, never recomputed (see the module docstring). With ``radii``
     (the radii you report) each image is certified sequentially (`certify_sequential`, ``n`` the most
-    samples per image) and its record carries ``samples``, the estimation samples it used.
+    samples per image) and its record carries ``samples``, the estimation samples it used;
+    ``futility`` is then `certify_sequential`'s (default 0.05; refused without ``radii``).
     """
     # 0. every argument checked before OUT is claimed: a refused value must not leave a record
     #    that then refuses the corrected command as "another config"
@@ -176,9 +186,12 @@ def certify_dataset(
     rank, out = get_rank(), Path(out)
     if radii is not None:
         radius_thresholds(list(radii), sigma)  # checked before the claim, like every argument
+    futility = check_futility(futility, radii)
     run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
     if radii is not None:  # only then: a fixed-n run's record (and its folder) stays as before
         run["radii"] = [float(r) for r in radii]
+        if futility != FUTILITY:  # other certificates; at the default the record (and a resume) is as before
+            run["futility"] = futility
     run.update(_fingerprint(pipeline, images, labels))
     # 1. rank 0 claims OUT and reads what is done; every rank gets the verdict (no rank left waiting)
     done = _claim(out, run, rank)
@@ -186,7 +199,9 @@ def certify_dataset(
     run_id = _run_id(run)  # every line carries it
     queue = broadcast_object(f"rrcm-certify/{run_id}/{time.time_ns()}")  # a new counter per call
     classifier = pipeline.base_classifier(sigma)
-    settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, radii=radii)
+    settings = dict(
+        sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, radii=radii, futility=futility
+    )
     bar = tqdm(total=images.shape[0], initial=len(done), disable=rank != 0 or not progress, unit="img")
     # 2. rounds: each rank takes the next image from a shared counter until ROUND_SECONDS have passed
     #    (at least one image), then the round's records meet on rank 0, which appends them
@@ -240,15 +255,17 @@ def _certify_one(
     classifier, x: torch.Tensor, index: int, label: int, generator: torch.Generator, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """The record of image ``index`` (x: (1, C, H, W)); ``settings``: `certify`'s sigma, n0, n, alpha
-    and batch_size."""
+    and batch_size, and `certify_sequential`'s radii (None: fixed n) and futility."""
     start = time.perf_counter()
     settings = dict(settings)
-    radii = settings.pop("radii", None)
+    radii, futility = settings.pop("radii", None), settings.pop("futility", FUTILITY)
     if radii is None:
         res = certify(classifier, x, generator=generator, **settings)
     else:
         settings["n_max"] = settings.pop("n")
-        res = certify_sequential(classifier, x, generator=generator, radii=radii, **settings)
+        res = certify_sequential(
+            classifier, x, generator=generator, radii=radii, futility=futility, **settings
+        )
     record = {
         "index": index,
         "label": label,
@@ -300,6 +317,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     from .data import load_dataset, strided_class_subset
 
+    if args.futility is not None and args.radii is None:
+        parser.error("--futility applies only to sequential certification: give --radii as well")
     state = Accelerator()  # the process group accelerate launch set up (or one process)
     images, labels = load_dataset(args.dataset, "test", args.data_dir)
     if args.per_class is not None:
@@ -315,7 +334,7 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     records = certify_dataset(
         pipeline, images.float() / 255, labels, args.sigma, args.out,
         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.no_progress, radii=args.radii,
+        progress=not args.no_progress, radii=args.radii, futility=args.futility,
     )  # fmt: skip
     wall = time.perf_counter() - start
     devices = sorted(set(gather_object(_device_name(state.device))))  # every rank takes part

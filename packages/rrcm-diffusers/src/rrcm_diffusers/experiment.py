@@ -27,12 +27,14 @@ from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 from ._atomic import claim_folder, write_text_atomic
 from ._checks import check_choice, check_int, check_sigma
 from .augment import check_classifier_augment
+from .certification import check_futility
 from .data import DATASETS, load_dataset, strided_class_subset
 from .evaluation import linear_probe_accuracy
 from .modeling_rrcm import RRCMModel
 from .pipeline_dds import DDSPipeline, small_unet, train_ddpm
 from .pipeline_rrcm import RRCMPipeline, write_model_card
 from .report import (
+    RADII,
     certify_methods,
     markdown_table,
     seed_summary,
@@ -118,6 +120,7 @@ class CertifyConfig:
     alpha: float = 0.001
     batch_size: int = 1100
     sequential: bool = False  # True: n is each image's most samples; it stops once its radius is decided
+    futility: float | None = None  # with sequential: certify_sequential's futility level (None: 0.05)
 
 
 def _model_defaults() -> dict[str, Any]:
@@ -208,6 +211,15 @@ class ExperimentConfig:
                 raise ValueError(f"certify.alpha must be in (0, 1), got {self.certify.alpha!r}")
             if not isinstance(self.certify.sequential, bool):
                 raise ValueError(f"certify.sequential must be true or false, got {self.certify.sequential!r}")
+            if self.certify.futility is not None and not self.certify.sequential:
+                raise ValueError(
+                    f"certify.futility ({self.certify.futility!r}) applies only with certify.sequential: true"
+                )
+            if self.certify.sequential:
+                try:
+                    check_futility(self.certify.futility, RADII)
+                except ValueError as err:
+                    raise ValueError(f"certify.{err}") from None
         except (ValueError, TypeError) as err:
             raise ValueError(f"{err}{where}") from None
 
@@ -619,10 +631,13 @@ def _certify_and_report(
             seed=cfg.seed,
             progress=r.progress,
             sequential=cc.sequential,
+            futility=cc.futility,
         )
     how = (
         f"sequential CERTIFY n0={cc.n0}, n_max={cc.n} (each image stops once its radius on the table's "
-        "grid is decided: forward_passes and samples_* in results.csv)"
+        "grid is decided: forward_passes and samples_* in results.csv"
+        + ("" if cc.futility is None else f"; futility {cc.futility}")
+        + ")"
         if cc.sequential
         else f"CERTIFY n0={cc.n0}, n={cc.n}"
     )

@@ -14,7 +14,7 @@ from diffusers.utils import BaseOutput
 from huggingface_hub import ModelCard
 
 from ._atomic import write_text_atomic
-from .certification import certify, certify_sequential, predict, with_autocast
+from .certification import certify, certify_sequential, check_futility, predict, with_autocast
 from .modeling_rrcm import RRCMModel
 from .trajectory import CERTIFY_NUM_SCALES, RHO, SIGMA_MAX, SIGMA_MIN, grid_scheduler, noise_level_for_sigma
 
@@ -198,6 +198,7 @@ class RRCMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         autocast_dtype: torch.dtype | None = None,
         radii: list[float] | None = None,
+        futility: float | None = None,
     ) -> RRCMCertifyOutput | tuple:
         r"""
         Certified L2 radius per image (Cohen's CERTIFY; with `radii`, its sequential form).
@@ -218,7 +219,11 @@ class RRCMPipeline(DiffusionPipeline):
                 may use, and each image stops once its radius on this grid is decided, with the same
                 guarantee (P(wrong certificate) <= `alpha` per image). Not given (the default), every
                 image draws `n` samples: fixed-n CERTIFY, as published tables use.
+            futility (`float`, *optional*): with `radii`, the level of the upper bound that judges a
+                radius out of reach (default 0.05): larger stops images sooner and loses more of them
+                to the radius below, never the guarantee. Refused without `radii`.
         """
+        futility = check_futility(futility, radii)
         x = self._prepare(images)
         settings = dict(alpha=alpha, batch_size=batch_size, generator=generator)
         settings["progress"] = not self._progress_disabled()
@@ -226,7 +231,9 @@ class RRCMPipeline(DiffusionPipeline):
         if radii is None:
             out = certify(classifier, x, sigma, n0=n0, n=n, **settings)
         else:
-            out = certify_sequential(classifier, x, sigma, n0=n0, n_max=n, radii=radii, **settings)
+            out = certify_sequential(
+                classifier, x, sigma, n0=n0, n_max=n, radii=radii, futility=futility, **settings
+            )
         if not return_dict:
             return (out.predictions, out.radii, out.p_lower, out.counts)
         return RRCMCertifyOutput(

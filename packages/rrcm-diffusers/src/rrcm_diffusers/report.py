@@ -30,6 +30,7 @@ from .certification import (
     certified_accuracy,
     certify,
     certify_sequential,
+    check_futility,
 )
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
@@ -57,10 +58,13 @@ def certify_methods(
     seed: int = 0,
     progress: bool = True,
     sequential: bool = False,
+    futility: float | None = None,
 ) -> list[dict[str, Any]]:
     """Certify every method at every σ on the same images with the same noise seed. With
     ``sequential``, ``n`` is the most samples an image may use: it stops once its radius on the
-    report's grid (``RADII``) cannot change (`certify_sequential`, the same α guarantee)."""
+    report's grid (``RADII``) cannot change (`certify_sequential` at ``futility``, default 0.05:
+    the same α guarantee)."""
+    futility = check_futility(futility, RADII if sequential else None)
     rows = []
     for name, make in methods.items():
         for sigma in sigmas:
@@ -69,7 +73,9 @@ def certify_methods(
             settings["generator"] = torch.Generator().manual_seed(seed)
             start = time.perf_counter()
             if sequential:
-                res = certify_sequential(clf, images, sigma, n_max=n, radii=RADII, **settings)
+                res = certify_sequential(
+                    clf, images, sigma, n_max=n, radii=RADII, futility=futility, **settings
+                )
             else:
                 res = certify(clf, images, sigma, n=n, **settings)
             seconds = time.perf_counter() - start
