@@ -130,6 +130,31 @@ def test_classifier_sees_exactly_the_reference_noisy_inputs(batch_size):
     assert torch.equal(counts, torch.bincount(expected.flatten(1)[:, :4].argmax(1), minlength=4))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_images_get_float32_noise_rounded_after_it_is_added(dtype):
+    """A half-precision image (a pipeline moved to bf16) is noised in float32 and only then rounded:
+    the classifier sees round(x + σ·ε) with ε from the float32 stream, not x + σ·ε drawn in bf16."""
+    image, sigma, num = torch.rand(1, 6, 5).to(dtype), 0.5, 300
+    g = torch.Generator().manual_seed(5)
+    eps = torch.cat([randn_tensor((k, *image.shape), generator=g) for k in (NOISE_CHUNK, num - NOISE_CHUNK)])
+    expected = torch.add(image.float().unsqueeze(0), eps, alpha=sigma).to(dtype)  # (num, C, H, W)
+    seen: list[torch.Tensor] = []
+
+    def recorder(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return x.flatten(1)[:, :3].float()
+
+    sample_counts(recorder, image, sigma, num, 128, generator=torch.Generator().manual_seed(5))
+    assert all(x.dtype == dtype for x in seen) and torch.equal(torch.cat(seen), expected)
+    drawn_in_half = torch.randn((num, *image.shape), generator=torch.Generator().manual_seed(5), dtype=dtype)
+    assert not torch.equal(torch.cat(seen), (image.unsqueeze(0) + sigma * drawn_in_half))  # the old way
+    pipe = _pipeline().to(torch.bfloat16)  # and through a bf16 pipeline, end to end
+    out = pipe.certify(
+        torch.rand(2, 1, 28, 28), 0.5, n0=10, n=200, generator=torch.Generator().manual_seed(0)
+    )
+    assert out.counts.sum() > 0 and out.radii.dtype == torch.float64
+
+
 def test_certify_is_invariant_to_batch_size():
     pipe = _pipeline()
     imgs = torch.rand(2, 1, 28, 28)

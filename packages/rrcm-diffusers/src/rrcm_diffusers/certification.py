@@ -52,7 +52,9 @@ def with_autocast(classifier: Classifier, autocast_dtype: torch.dtype | None) ->
     computed under autocast are as sound as in float32: they certify the reduced-precision
     classifier, which may vote differently on a few noisy inputs. Off by default, so that a fixed
     generator gives the same certificates on every machine; ``benchmarks/bench_certify.py`` prints
-    whether it is faster on yours and how many votes change.
+    whether it is faster on yours and how many votes change. Autocast reduces the classifier's
+    arithmetic, never the noise: that is drawn and added in float32 (`sample_counts`), as
+    floating-point soundness asks (Voráček & Hein, ICLR 2023).
     """
     if autocast_dtype is None:
         return classifier
@@ -168,6 +170,14 @@ def sample_counts(
 ) -> torch.Tensor:
     """Votes of ``classifier`` over ``num`` noisy copies of one image (C, H, W) → (K,).
 
+    The noise is drawn and added in float32 at least, then the noisy copies are rounded to the
+    image's dtype: Gaussian noise drawn in bfloat16 / float16 (8 / 11 bits of mantissa) is far from the
+    Gaussian the certificate assumes, and Voráček & Hein ("Sound randomized smoothing in floating-point
+    arithmetic", ICLR 2023) show such gaps can be exploited. Rounding x + δ afterwards is a fixed
+    function of it, so it belongs to the base classifier, which the certificate allows to be anything.
+    (float32 noise is not exactly Gaussian either; that residual risk is the one every published
+    certificate carries.) float32 images are unaffected.
+
     Raises ``ValueError`` if the classifier returns anything but finite (rows, K) logits: a NaN
     row has no class, and counting it as a vote would certify garbage."""
     device = image.device
@@ -179,7 +189,8 @@ def sample_counts(
     # one buffer for the whole image: noise is drawn into it and noised in place, so a batch
     # costs no allocation and no copy besides the < NOISE_CHUNK rows carried to the next batch
     rows = min(num, batch_size + NOISE_CHUNK - 1)  # most rows ever waiting at once
-    buffer = torch.empty((rows, *image.shape), device=device, dtype=image.dtype)
+    noise_dtype = torch.promote_types(image.dtype, torch.float32)  # never half precision (docstring)
+    buffer = torch.empty((rows, *image.shape), device=device, dtype=noise_dtype)
     filled = drawn = 0  # rows of buffer holding noise not yet classified; samples drawn so far
     while drawn < num or filled:
         # 1. draw noise in fixed chunks (independent of batch_size) until a batch is ready
@@ -190,7 +201,7 @@ def sample_counts(
         b = min(batch_size, filled)
         # 2. classify the noisy batch and count votes
         batch = torch.add(image.unsqueeze(0), buffer[:b], alpha=sigma, out=buffer[:b])  # (b, C, H, W)
-        logits = classifier(batch)  # (b, K)
+        logits = classifier(batch.to(image.dtype))  # (b, K); rounded only for a half-precision image
         _check_logits(logits, b, None if counts is None else counts.numel())
         if counts is None:
             counts = torch.zeros(logits.shape[-1], dtype=torch.long, device=device)
