@@ -674,6 +674,7 @@ EXPERIMENT_VALUE_CASES = {  # refused at load, before any stage claims a folder
         dict(certify={"sequential": "yes"}),
         r"certify.sequential must be true or false, got 'yes'",
     ),
+    "certify workers 0": (dict(certify={"workers": 0}), r"certify.workers must be an integer >= 1, got 0"),
     "certify futility without sequential": (
         dict(certify={"futility": 0.2}),
         r"certify.futility \(0.2\) applies only with certify.sequential: true",

@@ -123,3 +123,35 @@ def test_a_report_without_matplotlib_keeps_its_tables(tmp_path, monkeypatch):
         paths = write_report([_row("m", [True, False], [0.3, 0.0])], tmp_path, "t")
     assert set(paths) == {"md", "csv", "json"} and all(p.is_file() for p in paths.values())
     assert not (tmp_path / "certified_accuracy.png").exists()
+
+
+def test_certify_methods_gives_each_image_its_own_noise_and_the_same_certificates_on_two_threads():
+    """Image i's noise comes from image_generator(seed, i) whatever else is certified, so the rows
+    are the per-image certificates, and two worker threads give them to the bit (unequal sizes: 7
+    images on 2 threads); torch's thread count is restored after."""
+    from rrcm_diffusers import RRCMPipeline
+    from rrcm_diffusers.certification import certify_sequential, image_generator
+    from rrcm_diffusers.report import certify_methods
+    from tests.rrcm.helpers import tiny_model
+
+    clf = RRCMPipeline(model=tiny_model(num_classes=3, projection_dim=0)).base_classifier(0.5)
+    images = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    settings = dict(n0=20, n=600, progress=False, sequential=True, seed=3)
+    threads = torch.get_num_threads()
+    (one,) = certify_methods({"m": lambda s: clf}, images, labels, [0.5], workers=1, **settings)
+    (two,) = certify_methods({"m": lambda s: clf}, images, labels, [0.5], workers=2, **settings)
+    assert torch.get_num_threads() == threads
+    with torch.inference_mode():
+        reference = [
+            certify_sequential(
+                clf, images[i : i + 1], 0.5, n0=20, n_max=600, radii=RADII, generator=image_generator(3, i)
+            )
+            for i in range(7)
+        ]
+    want = [float(r.radii[0]) if int(r.predictions[0]) == int(y) else -1.0 for r, y in zip(reference, labels)]
+    assert one["certified_radius"] == want and two["certified_radius"] == want
+    assert one["forward_passes"] == two["forward_passes"] == sum(int(r.samples[0]) + 20 for r in reference)
+    assert len(set(want)) > 1  # not one radius for all: the comparison can tell images apart
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        certify_methods({"m": lambda s: clf}, images, labels, [0.5], workers=0, **settings)

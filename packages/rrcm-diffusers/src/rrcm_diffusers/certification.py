@@ -231,6 +231,13 @@ def _randn_into(out: torch.Tensor, generator: torch.Generator | None) -> None:
         out.copy_(randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype))
 
 
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for image ``index`` alone (numpy's SeedSequence mixes the two numbers): an
+    image's noise then depends on its index, not on which images, processes or threads came first."""
+    hi, lo = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32).tolist()
+    return torch.Generator().manual_seed((hi << 32) | lo)
+
+
 def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
     """One-sided (1 − α) Clopper–Pearson lower bound on a binomial proportion."""
     if successes <= 0:

@@ -52,6 +52,7 @@ from .certification import (
     certify_sequential,
     check_arguments,
     check_futility,
+    image_generator,
     radius_thresholds,
 )
 from .pipeline_dds import DDSPipeline
@@ -62,12 +63,6 @@ RECORDS = "certificates.jsonl"
 ROUND_SECONDS = 30.0  # how often finished certificates are gathered and written (a kill loses at most this)
 RUN = "run.json"
 PIPELINES = {"RRCMPipeline": RRCMPipeline, "DDSPipeline": DDSPipeline}
-
-
-def image_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator for image ``index`` alone (numpy's SeedSequence mixes the two numbers)."""
-    hi, lo = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32).tolist()
-    return torch.Generator().manual_seed((hi << 32) | lo)
 
 
 def load_pipeline(path: str | Path) -> RRCMPipeline | DDSPipeline:

@@ -121,6 +121,7 @@ class CertifyConfig:
     batch_size: int = 1100
     sequential: bool = False  # True: n is each image's most samples; it stops once its radius is decided
     futility: float | None = None  # with sequential: certify_sequential's futility level (None: 0.05)
+    workers: int = 1  # threads certifying images side by side, one torch thread each (certify_methods)
 
 
 def _model_defaults() -> dict[str, Any]:
@@ -205,7 +206,7 @@ class ExperimentConfig:
                 check_int("scratch.steps", self.scratch.steps, 1)
             for name in ("train_images", "test_images"):
                 check_int(f"probe.{name}", getattr(self.probe, name), 1)
-            for name in ("per_class", "n0", "n", "batch_size"):
+            for name in ("per_class", "n0", "n", "batch_size", "workers"):
                 check_int(f"certify.{name}", getattr(self.certify, name), 1)
             if not 0 < self.certify.alpha < 1 or isinstance(self.certify.alpha, bool):
                 raise ValueError(f"certify.alpha must be in (0, 1), got {self.certify.alpha!r}")
@@ -632,6 +633,7 @@ def _certify_and_report(
             progress=r.progress,
             sequential=cc.sequential,
             futility=cc.futility,
+            workers=cc.workers,
         )
     how = (
         f"sequential CERTIFY n0={cc.n0}, n_max={cc.n} (each image stops once its radius on the table's "
