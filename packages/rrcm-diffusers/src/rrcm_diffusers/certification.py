@@ -127,8 +127,8 @@ def check_futility(futility: float | None, radii: list[float] | None) -> float:
         return FUTILITY
     if radii is None:
         raise ValueError(
-            f"futility ({futility!r}) applies only to sequential certification: pass radii (the radii "
-            "you report) as well, or leave futility unset"
+            f"futility ({futility!r}) applies only to sequential certification (radii given); fixed-n "
+            "CERTIFY has no stopping rule: leave futility unset"
         )
     _check_level("futility", futility)
     return float(futility)
