@@ -27,11 +27,12 @@ from rrcm_diffusers.certification import (
     CertifyResult,
     certify,
     certify_sequential,
+    image_generator,
     radius_thresholds,
     sequential_looks,
 )
 from rrcm_diffusers.data import load_dataset, strided_class_subset
-from rrcm_diffusers.dataset_certification import image_generator, load_pipeline
+from rrcm_diffusers.dataset_certification import load_pipeline
 from rrcm_diffusers.report import RADII, paired_tests, summary_row
 
 

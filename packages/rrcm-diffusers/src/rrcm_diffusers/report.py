@@ -73,8 +73,8 @@ def certify_methods(
     Image i draws its noise from `image_generator(seed, i)` (as ``rrcm-certify`` does), so every
     method sees the same noise on an image, and ``workers`` threads certify images side by side with
     the same certificates as one: on a CPU, threads running one torch thread each beat one image at a
-    time on all cores (2 cores, the main job: 0.140 vs 0.159 ms per forward pass). With ``workers`` > 1, torch's thread
-    count is 1 for the call (it is process-wide) and restored after."""
+    time on all cores (2 cores, the main job: 0.140 vs 0.159 ms per forward pass). With ``workers`` > 1,
+    torch's thread count is 1 for the call (it is process-wide) and restored after."""
     futility = check_futility(futility, RADII if sequential else None)
     check_int("workers", workers, 1)
     rows = []
@@ -117,8 +117,8 @@ def _torch_threads(threads: int | None):
 def _concat(results: list[CertifyResult]) -> CertifyResult:
     """One `CertifyResult` from per-image ones, in order (none: an empty one)."""
     if not results:
-        return CertifyResult(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
-                             torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))  # fmt: skip
+        long, real = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        return CertifyResult(long, real, real, long)
     samples = None if results[0].samples is None else torch.cat([r.samples for r in results])
     return CertifyResult(
         *(torch.cat([getattr(r, f) for r in results]) for f in ("predictions", "radii", "p_lower", "counts")),
