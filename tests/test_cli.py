@@ -84,3 +84,38 @@ def test_help_imports_nothing_heavy():
     from rrcm_diffusers.data import DATASETS
 
     assert (conan_cli.RECIPES, conan_cli.TASK_NAMES, rrcm_cli.DATASETS) == (RECIPES, TASK_NAMES, DATASETS)
+
+
+def _certify_argv(pipeline, out, data_dir, n):
+    return ["--pipeline", str(pipeline), "--out", str(out), "--data-dir", str(data_dir), "--num-images", "2",
+            "--n0", "10", "--n", str(n), "--batch-size", "32", "--no-progress"]  # fmt: skip
+
+
+def test_an_error_found_after_the_start_ends_the_script_with_its_message_not_a_traceback(
+    tmp_path, monkeypatch, capsys, data_dir
+):
+    """A folder of another run, a missing data folder or model: ``prog: error: message``, exit status 2, as a bad
+    flag; what the first run wrote is untouched."""
+    from rrcm_diffusers import RRCMPipeline
+    from tests.rrcm.helpers import tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    RRCMPipeline(model=tiny_model().for_classification(10)).save_pretrained(tmp_path / "pipe")
+    _main(SCRIPTS["rrcm-certify"])(_certify_argv(tmp_path / "pipe", tmp_path / "out", data_dir, 20))
+    first = (tmp_path / "out" / "certificates.jsonl").read_bytes()
+    capsys.readouterr()
+    cases = [
+        ("rrcm-certify", _certify_argv(tmp_path / "pipe", tmp_path / "out", data_dir, 30),
+         r"rrcm-certify: error: \S+out holds results made with another config \(differs in \['n'\]"),
+        ("rrcm-certify", _certify_argv(tmp_path / "pipe", tmp_path / "new", tmp_path / "no-data", 20),
+         r"rrcm-certify: error: expected data file \S+no-data/images/mnist/t10k-images"),
+        ("conan-evaluate", [str(tmp_path / "no-model"), "--data-dir", str(data_dir)],
+         r"conan-evaluate: error: Path \S+no-model not found"),
+    ]  # fmt: skip
+    for name, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            _main(SCRIPTS[name])(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, (name, err)
+    assert (tmp_path / "out" / "certificates.jsonl").read_bytes() == first
+    assert not (tmp_path / "new" / "certificates.jsonl").exists()
