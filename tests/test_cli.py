@@ -119,3 +119,20 @@ def test_an_error_found_after_the_start_ends_the_script_with_its_message_not_a_t
         assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, (name, err)
     assert (tmp_path / "out" / "certificates.jsonl").read_bytes() == first
     assert not (tmp_path / "new" / "certificates.jsonl").exists()
+
+
+def test_conan_evaluate_without_the_mteb_extra_says_how_to_install_it(monkeypatch, capsys):
+    """The ``[mteb]`` extra missing (its import fails, as in a venv without it; the wheels' case is in
+    test_release.py): ``--help`` works, evaluating ends with the ``pip install`` line, no traceback."""
+    import sys
+
+    for name in ["mteb", *(m for m in sys.modules if m.startswith("mteb."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import mteb...` raises ImportError
+    monkeypatch.delitem(sys.modules, "conan_st.evaluation", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(SCRIPTS["conan-evaluate"])(["some-model"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("conan-evaluate: error: conan_st.evaluation needs mteb") and (
+        "pip install 'conan-st[mteb]'" in err
+    )

@@ -18,6 +18,10 @@ TASK_NAMES = (
 )  # the local mteb tasks of conan_st.evaluation (it imports this)
 
 
+class MissingExtraError(ImportError):
+    """An optional extra is not installed; the message names it and the ``pip install`` that adds it."""
+
+
 def positive_int(text: str) -> int:
     """argparse ``type=`` for counts: 0 and negative numbers are refused with the flag's name."""
     try:

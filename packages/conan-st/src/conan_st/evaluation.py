@@ -15,17 +15,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .cli import TASK_NAMES, MissingExtraError  # noqa: F401  (TASK_NAMES re-exported where the tasks are)
+
 try:  # mteb is the [mteb] extra: training needs none of it
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.abstasks.task_metadata import TaskMetadata
 except ImportError as err:  # pragma: no cover - depends on what is installed
-    raise ImportError(
+    raise MissingExtraError(
         f"conan_st.evaluation needs mteb ({err}); install it with: pip install 'conan-st[mteb]'"
     ) from err
 
 from .checkpoints import write_text_atomic
-from .cli import TASK_NAMES  # noqa: F401  (the task names, re-exported where the tasks are)
 from .data import default_data_dir, load_beir, load_sts
 
 _COMMON: dict[str, Any] = dict(
