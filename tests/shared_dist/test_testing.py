@@ -20,6 +20,7 @@ def _w_state() -> tuple[str, int, int, float]:
     return MARK, torch.get_num_threads(), dist.get_world_size(), float((x @ x)[0, 0])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="launch forks on Linux only")
 def test_ranks_are_forked_with_the_callers_state_where_safe_and_spawned_otherwise(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "MARK", "set by the caller")
     before = torch.get_num_threads()

@@ -19,6 +19,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -114,7 +115,9 @@ def launch(
     if start_method is None:
         import torch
 
-        safe = "fork" in methods and threads == 1 and not torch.cuda.is_initialized()
+        # Linux only: macOS offers fork, but its system libraries are not fork-safe (spawn is its default)
+        linux = sys.platform.startswith("linux") and "fork" in methods
+        safe = linux and threads == 1 and not torch.cuda.is_initialized()
         start_method = "fork" if safe else "spawn"
     elif start_method not in methods:
         raise ValueError(f"start_method must be one of {methods} on this platform, got {start_method!r}")
