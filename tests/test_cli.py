@@ -94,8 +94,8 @@ def _certify_argv(pipeline, out, data_dir, n):
 def test_an_error_found_after_the_start_ends_the_script_with_its_message_not_a_traceback(
     tmp_path, monkeypatch, capsys, data_dir
 ):
-    """A folder of another run, a missing data folder or model: ``prog: error: message``, exit status 2, as a bad
-    flag; what the first run wrote is untouched."""
+    """A folder of another run, a missing data folder or model: ``prog: error: message``, exit status 2,
+    as a bad flag; what the first run wrote is untouched."""
     from rrcm_diffusers import RRCMPipeline
     from tests.rrcm.helpers import tiny_model
 
@@ -122,8 +122,8 @@ def test_an_error_found_after_the_start_ends_the_script_with_its_message_not_a_t
 
 
 def test_conan_evaluate_without_the_mteb_extra_says_how_to_install_it(monkeypatch, capsys):
-    """The ``[mteb]`` extra missing (its import fails, as in a venv without it; the wheels' case is in
-    test_release.py): ``--help`` works, evaluating ends with the ``pip install`` line, no traceback."""
+    """The ``[mteb]`` extra missing (its import fails, as in a venv without it; the wheels' case, ``--help``
+    included, is in test_release.py): evaluating ends with the ``pip install`` line, no traceback."""
     import sys
 
     for name in ["mteb", *(m for m in sys.modules if m.startswith("mteb."))]:

@@ -116,8 +116,7 @@ def launch(
         import torch
 
         # Linux only: macOS offers fork, but its system libraries are not fork-safe (spawn is its default)
-        linux = sys.platform.startswith("linux") and "fork" in methods
-        safe = linux and threads == 1 and not torch.cuda.is_initialized()
+        safe = sys.platform.startswith("linux") and threads == 1 and not torch.cuda.is_initialized()
         start_method = "fork" if safe else "spawn"
     elif start_method not in methods:
         raise ValueError(f"start_method must be one of {methods} on this platform, got {start_method!r}")
