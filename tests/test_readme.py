@@ -42,25 +42,6 @@ def test_conan_block_trains_every_step_on_two_processes(tmp_path):
     assert results[0]["weights"] == results[1]["weights"] != results[0]["base_weights"]
 
 
-CACHED = {  # the README's comment under the loss line: the cached loss, in mini-batches of 2
-    "CrossGPUBalancingLoss(model, sts_weight=0.8)": "CachedCrossGPUBalancingLoss(model, sts_weight=0.8, mini_batch_size=2)",
-    "from conan_st import CrossGPUBalancingLoss,": "from conan_st import CachedCrossGPUBalancingLoss, CrossGPUBalancingLoss,",
-}
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_conan_block_with_the_cached_loss_trains_every_step_on_two_processes(tmp_path):
-    script = write_script("conan", tmp_path / "conan_block.py", swap=CACHED)
-    results = run_script(
-        script, cwd=tmp_path, processes=2, timeout=380, env={"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub"))}
-    )
-    results.sort(key=lambda r: r["rank"])
-    assert [r["global_step"] for r in results] == [18, 18]
-    assert results[0]["weights"] == results[1]["weights"] != results[0]["base_weights"]
-
-
 @pytest.mark.timeout(200)
 def test_rrcm_package_readme_example_pretrains_finetunes_and_certifies(tmp_path):
     """The example on rrcm-diffusers' own README (its index page), as written: no data of ours."""

@@ -152,7 +152,7 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_probe(mnist):
     torch.manual_seed(0)
     random_init = RRCMModel(**kw)
     torch.manual_seed(0)
-    cfg = PretrainConfig(steps=400, batch_size=64, lr=2e-3, log_every=50)
+    cfg = PretrainConfig(steps=200, batch_size=64, lr=2e-3, log_every=50)
     online, _, hist = pretrain(RRCMModel(**kw), x, cfg, Accelerator(cpu=True), progress=False)
     first = sum(h["loss"] for h in hist[:20]) / 20
     last = sum(h["loss"] for h in hist[-20:]) / 20
@@ -164,7 +164,8 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_probe(mnist):
     # data order), so no claim is made there
     clean_pre = linear_probe_accuracy(online, tr, te, None)
     clean_rnd = linear_probe_accuracy(random_init, tr, te, None)
-    assert clean_pre > clean_rnd + 0.05, (clean_pre, clean_rnd)  # measured here: 0.773 vs 0.637
+    # measured at 200 steps: 0.724 vs 0.637, loss 0.59x (at 400 steps, twice the time: 0.761 and 0.46x)
+    assert clean_pre > clean_rnd + 0.05, (clean_pre, clean_rnd)
 
 
 @pytest.mark.slow
