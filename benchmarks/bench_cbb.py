@@ -11,9 +11,10 @@ With ``--cached B [B ...]``: peak memory and step time of the cached loss at ret
 against the uncached loss (up to ``--max-uncached``; beyond, its memory is extrapolated linearly
 from the two largest batches it ran) and sentence-transformers' CachedMultipleNegativesRankingLoss
 at the same columns (the anchor), each (loss, B) in a fresh process on one process, ``--rounds``
-times in a rotating order (``--threads 1``: processes forked from one that imported the libraries). Memory: the rise of the process's peak RSS (VmHWM, reset before the
-step) over its RSS before it: what the step adds to the loaded model, optimizer state and features
-(CPU; on CUDA one would read max_memory_allocated).
+times in a rotating order (with ``--threads 1``, processes forked from one that imported the
+libraries). Memory: the rise of the process's peak RSS (VmHWM, reset before the step) over its RSS
+before it: what the step adds to the loaded model, optimizer state and features (CPU; on CUDA one
+would read max_memory_allocated).
 Targets: cached peak <= 1/4 of uncached at 1,024; cached time <= 1.3x uncached; cached retrieval-only
 <= 1.1x CachedMNRL (the STS rows' own cost is the "+STS" row).
 

@@ -169,7 +169,8 @@ def main() -> None:
     achieved = [f_rrcm / (ms / 1000) / 1e9 for ms in t["rrcm"]]
     print(
         f"certify achieves {spread(achieved, '.1f')} GFLOP/s; this machine's GEMM peak (measured now): "
-        f"fp32 {peak32:.1f} ({size32}^2), bf16 {peak16:.1f} ({size16}^2) GFLOP/s -> {statistics.median(achieved) / peak32:.0%} of fp32 peak"
+        f"fp32 {peak32:.1f} ({size32}^2), bf16 {peak16:.1f} ({size16}^2) GFLOP/s -> "
+        f"{statistics.median(achieved) / peak32:.0%} of fp32 peak"
     )
 
     # bf16 autocast: how much faster here, and how many certificates it changes

@@ -57,7 +57,8 @@ def run_ok(cmd: list[str], **kw) -> str:
 def new_venv(template: Path, path: Path) -> list[str]:
     """A virtual environment at ``path``, a copy of ``template`` (a venv holding only torch), and the
     pip command that installs into it. The files are hard links: installing torch once per pytest run
-    instead of once per venv saves ~35 s each, and pip only adds and removes files, never edits one."""
+    instead of once per venv saves ~35 s each. Safe because pip and Python's bytecode cache add, remove
+    or replace (rename over) files, never write into one, so the template is never changed."""
     import shutil
 
     shutil.copytree(template, path, symlinks=True, copy_function=os.link)
