@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DATA, REPO, run_ok
+from tests.helpers import DATA, REPO, pip_install, run_ok
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,8 +36,7 @@ def torch_venv(tmp_path_factory) -> Path:
     scripts/setup.sh installs it); the release and lowest-versions tests copy it (`helpers.new_venv`)."""
     venv = tmp_path_factory.mktemp("torch-venv") / "venv"
     run_ok([sys.executable, "-m", "venv", str(venv)], timeout=120)
-    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    run_ok([*pip, "-c", str(REPO / "constraints.txt"), "torch==2.13.0"], timeout=600)
+    run_ok([*pip_install(venv), "-c", str(REPO / "constraints.txt"), "torch==2.13.0"], timeout=600)
     return venv
 
 

@@ -54,6 +54,11 @@ def run_ok(cmd: list[str], **kw) -> str:
     return proc.stdout
 
 
+def pip_install(venv: Path) -> list[str]:
+    """The command that installs into ``venv`` with its own pip, quietly."""
+    return [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+
+
 def new_venv(template: Path, path: Path) -> list[str]:
     """A virtual environment at ``path``, a copy of ``template`` (a venv holding only torch), and the
     pip command that installs into it. The files are hard links: installing torch once per pytest run
@@ -62,4 +67,4 @@ def new_venv(template: Path, path: Path) -> list[str]:
     import shutil
 
     shutil.copytree(template, path, symlinks=True, copy_function=os.link)
-    return [str(path / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    return pip_install(path)
