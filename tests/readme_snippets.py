@@ -83,11 +83,14 @@ sys.stdout.flush()
 """
 
 
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)  # a fenced Python block of a Markdown page: its code
+
+
 def snippet(section: str, readme: Path = README) -> str:
     """The first ```python block after the heading ``## {section}``."""
     text = readme.read_text(encoding="utf-8")
     start = text.index(f"## {section}\n")
-    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+    return PYTHON_BLOCK.search(text[start:]).group(1)
 
 
 PACKAGE_RRCM_EPILOGUE = """

@@ -74,8 +74,10 @@ def test_the_site_summary_says_what_results_md_says():
 def test_every_documented_block_that_opens_a_process_group_closes_it():
     """A gloo group left open until exit aborted finished two-process runs of the shared-dist example
     (6 of 169; 0 of 139 closed: docs/results/shared-dist.md). A block users copy must close what it opens."""
+    from tests.readme_snippets import PYTHON_BLOCK
+
     pages = [ROOT / "README.md", *ROOT.glob("packages/*/README.md"), *ROOT.glob("docs/**/*.md")]
-    blocks = [(page, b) for page in pages for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+    blocks = [(page, b) for page in pages for b in PYTHON_BLOCK.findall(page.read_text())]
     opening = [(page, b) for page, b in blocks if "init_process_group(" in b]
     assert opening, "the shared-dist example opens a group: the scan found no block"
     for page, block in opening:
