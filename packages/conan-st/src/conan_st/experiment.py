@@ -224,6 +224,7 @@ def _trainer_arguments(out: str | Path, config: RecipeConfig, progress: bool) ->
         disable_tqdm=not progress,
         per_device_train_batch_size=config.batch_size,
         dataloader_drop_last=True,
+        dataloader_pin_memory=torch.cuda.is_available(),  # on a CPU, pinning only warns
     )
 
 
@@ -321,6 +322,10 @@ def run_cli(args: argparse.Namespace) -> None:
             record["after"] = evaluate(model)
         write_text_atomic(Path(args.out, "record.json"), json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in record.items() if k not in ("loss_log", "dhnm_checks")}))
+    # the CLI owns the process: close the group the trainer opened under accelerate launch (left open,
+    # gloo aborted finished runs at exit: docs/results/shared-dist.md); nothing collective follows
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
