@@ -2,7 +2,7 @@
 construction, before anything loads; the ablation controls (examples/conan/controls.py) it is handed;
 each recipe trained for 2 steps on the tiny model and the real data, and a training set that gives no
 batch refused; the CLI under accelerate launch on two processes (slow). With MiniLM, trained and evaluated:
-test_quality.py (slow)."""
+the quick main job (tests/test_main_job.py, slow)."""
 
 from __future__ import annotations
 
