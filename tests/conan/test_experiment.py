@@ -94,21 +94,14 @@ def test_the_cli_trains_under_accelerate_launch_on_two_processes_and_exits_clean
     model: rank 0 writes the model and the record, and both ranks exit 0 with the group closed (left
     open, gloo aborted some finished runs at exit: docs/results/shared-dist.md)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from shared_dist.testing import free_port
-    from tests.helpers import REPO
+    from tests.helpers import REPO, accelerate_launch
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), str(REPO / "examples/conan/train.py"), "--recipe", "conan", "--out", str(out),
-           "--model", tiny_path, "--steps", "3", "--batch-size", "4", "--num-negatives", "1", "--no-eval"]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CONAN_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    args = ["--recipe", "conan", "--out", str(out), "--model", tiny_path, "--steps", "3", "--batch-size", "4",
+            "--num-negatives", "1", "--no-eval"]  # fmt: skip
+    env = {"CONAN_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = accelerate_launch(REPO / "examples/conan/train.py", *args, timeout=540, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "terminate called" not in proc.stderr
     record = json.loads((out / "record.json").read_text())
