@@ -84,6 +84,13 @@ def test_help_imports_nothing_heavy():
     from rrcm_diffusers.data import DATASETS
 
     assert (conan_cli.RECIPES, conan_cli.TASK_NAMES, rrcm_cli.DATASETS) == (RECIPES, TASK_NAMES, DATASETS)
+    # rrcm-certify's default batch size is the library's (the light parser writes the number again)
+    from rrcm_diffusers.certification import DEFAULT_BATCH_SIZE
+
+    assert (
+        rrcm_cli.certify_parser().parse_args(["--pipeline", "p", "--out", "o"]).batch_size
+        == DEFAULT_BATCH_SIZE
+    )
 
 
 def _certify_argv(pipeline, out, data_dir, n):
@@ -136,3 +143,42 @@ def test_conan_evaluate_without_the_mteb_extra_says_how_to_install_it(monkeypatc
     assert err.startswith("conan-evaluate: error: conan_st.evaluation needs mteb") and (
         "pip install 'conan-st[mteb]'" in err
     )
+
+
+@pytest.mark.parametrize(
+    "example, argv, message",
+    [
+        (
+            "rrcm/certify.py",
+            ["--pipeline", "p", "--out", "o"],
+            r"rrcm-certify: error: data folder not found: \S+",
+        ),
+        (
+            "rrcm/certify_report.py",
+            ["--config", "no.yaml", "--out", "o"],
+            "rrcm-experiment: error: .*'no.yaml'",
+        ),
+        (
+            "conan/train.py",
+            ["--out", "o", "--no-eval"],
+            r"conan-experiment: error: data folder not found: \S+",
+        ),
+    ],
+)
+def test_the_example_scripts_end_an_error_as_their_console_scripts_do(
+    example, argv, message, tmp_path, monkeypatch, capsys
+):
+    """``python examples/...`` (what the README launches) ends an error found after the start with its message
+    and exit status 2, as the console script does, not a traceback; nothing is written."""
+    import runpy
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("RRCM_DATA_DIR", "CONAN_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "no-data"))
+    monkeypatch.setattr(sys, "argv", [example, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "examples" / example), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())  # nothing written

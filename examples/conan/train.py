@@ -11,7 +11,9 @@ Writes OUT/final (a sentence-transformers model whose card cites the losses it w
 with) and OUT/record.json (timings, loss log, mining checks, mteb scores).
 """
 
-from conan_st.experiment import main
+# the console script's entry point (conan-experiment): an error found after the start ends the script with
+# its message and exit status 2, as a bad flag does, not a traceback
+from conan_st.console import experiment
 
 if __name__ == "__main__":
-    main()
+    experiment()

@@ -7,7 +7,9 @@ Certificates do not depend on the number of processes; the same command again re
 run. OUT/certificates.jsonl holds one line per image, OUT/report/ the report.
 """
 
-from rrcm_diffusers.dataset_certification import main
+# the console script's entry point (rrcm-certify): an error found after the start ends the script with its
+# message and exit status 2, as a bad flag does, not a traceback
+from rrcm_diffusers.console import certify
 
 if __name__ == "__main__":
-    main()
+    certify()

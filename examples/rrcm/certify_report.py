@@ -6,7 +6,9 @@ OUT/report/ holds report.md, results.csv, results.json and certified_accuracy.pn
 already present in OUT are reused (an interrupted run resumes).
 """
 
-from rrcm_diffusers.experiment import main
+# the console script's entry point (rrcm-experiment): an error found after the start ends the script with
+# its message and exit status 2, as a bad flag does, not a traceback
+from rrcm_diffusers.console import experiment
 
 if __name__ == "__main__":
-    main()
+    experiment()

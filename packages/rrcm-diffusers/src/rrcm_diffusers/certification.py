@@ -26,6 +26,12 @@ from tqdm.auto import tqdm
 from ._checks import MAX_SIGMA, check_sigma  # noqa: F401 (MAX_SIGMA: part of this module's API)
 
 NOISE_CHUNK = 256
+# Noisy copies per forward pass when the caller does not say. 256, not the 1,000 of Cohen et al.'s GPU code:
+# on a CPU a batch's activations then stay in cache, and certifying took 0.61-0.89x the time it took at 1,000
+# for the README's, the main job's and the CIFAR-10 CPU config's models (benchmarks/bench_certify_batch.py);
+# on a GPU 256 copies of a small image still fill the device less than a larger batch would: raise it there.
+# The certificates do not depend on it (the noise is drawn in NOISE_CHUNK rows whatever the batch).
+DEFAULT_BATCH_SIZE = 256
 ABSTAIN = -1
 # Sequential CERTIFY (issue #33; benchmarks/bench_certify_sequential.py, sequential_ceiling.py):
 # - looks LOOK_GROWTH apart: an image stops at most 1.5x after it could have (doubling: 2x);
@@ -251,7 +257,7 @@ def predict(
     sigma: float,
     num_samples: int = 1000,
     alpha: float = 0.001,
-    batch_size: int = 1000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> PredictResult:
@@ -284,7 +290,7 @@ def certify(
     n0: int = 100,
     n: int = 100_000,
     alpha: float = 0.001,
-    batch_size: int = 1000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> CertifyResult:
@@ -451,7 +457,7 @@ def certify_sequential(
     n_max: int = 100_000,
     alpha: float = 0.001,
     radii: list[float] | None = None,
-    batch_size: int = 1000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
     progress: bool = False,
     first_look: int | None = None,

@@ -41,7 +41,7 @@ def add_certify_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=positive_int_arg,
-        default=1000,
+        default=256,
         help="noisy copies per forward pass (default: %(default)s)",
     )
     parser.add_argument(

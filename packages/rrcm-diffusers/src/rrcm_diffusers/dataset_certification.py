@@ -46,6 +46,7 @@ from shared_dist import broadcast_object, gather_object, get_rank, next_index
 from ._atomic import claim_folder
 from ._checks import check_int
 from .certification import (
+    DEFAULT_BATCH_SIZE,
     FUTILITY,
     CertifyResult,
     certify,
@@ -151,7 +152,7 @@ def certify_dataset(
     n0: int = 100,
     n: int = 100_000,
     alpha: float = 0.001,
-    batch_size: int = 1000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     progress: bool = True,
     radii: list[float] | None = None,

@@ -27,7 +27,7 @@ from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 from ._atomic import claim_folder, write_text_atomic
 from ._checks import check_choice, check_int, check_sigma
 from .augment import check_classifier_augment
-from .certification import check_futility
+from .certification import DEFAULT_BATCH_SIZE, check_futility
 from .data import DATASETS, load_dataset, strided_class_subset
 from .evaluation import linear_probe_accuracy
 from .modeling_rrcm import RRCMModel
@@ -118,7 +118,7 @@ class CertifyConfig:
     n0: int = 100
     n: int = 1000
     alpha: float = 0.001
-    batch_size: int = 1100
+    batch_size: int = DEFAULT_BATCH_SIZE
     sequential: bool = False  # True: n is each image's most samples; it stops once its radius is decided
     futility: float | None = None  # with sequential: certify_sequential's futility level (None: 0.05)
     workers: int = 1  # threads certifying images side by side, one torch thread each (certify_methods)

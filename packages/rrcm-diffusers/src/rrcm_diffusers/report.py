@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ._atomic import write_atomic, write_text_atomic
 from ._checks import check_int
 from .certification import (
+    DEFAULT_BATCH_SIZE,
     CertifyResult,
     average_certified_radius,
     certified_accuracy,
@@ -59,7 +60,7 @@ def certify_methods(
     n0: int = 100,
     n: int = 1000,
     alpha: float = 0.001,
-    batch_size: int = 1000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     progress: bool = True,
     sequential: bool = False,
