@@ -1,6 +1,6 @@
 """The main job: both methods end to end on real data, into one report folder.
 
-    python examples/main_job.py --out reports/latest            # 18-36 minutes on 2 cores
+    python examples/main_job.py --out reports/latest            # 18-39 minutes on 2 cores
     python examples/main_job.py --out reports/latest --resume   # continue an interrupted run
     python examples/main_job.py --out reports/quick --quick     # about 5 minutes
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
