@@ -26,11 +26,13 @@ from tqdm.auto import tqdm
 from ._checks import MAX_SIGMA, check_sigma  # noqa: F401 (MAX_SIGMA: part of this module's API)
 
 NOISE_CHUNK = 256
-# Noisy copies per forward pass when the caller does not say. 256, not the 1,000 of Cohen et al.'s GPU code:
-# on a CPU a batch's activations then stay in cache, and certifying took 0.61-0.89x the time it took at 1,000
-# for the README's, the main job's and the CIFAR-10 CPU config's models (benchmarks/bench_certify_batch.py);
-# on a GPU 256 copies of a small image still fill the device less than a larger batch would: raise it there.
-# The certificates do not depend on it (the noise is drawn in NOISE_CHUNK rows whatever the batch).
+# Noisy copies per forward pass when the caller does not say. 256, not the 1,000 of Cohen et al.'s GPU
+# code: on a CPU a batch's activations then stay in cache, and `certify` on 2 threads took 0.61-0.89x the
+# time it took at 1,000 for the README's, the main job's and the CIFAR-10 CPU config's models
+# (benchmarks/bench_certify_batch.py; the main job's table, two images at a time on one thread each,
+# gained nothing measurable: docs/results/rrcm.md); on a GPU 256 copies of a small image fill the device
+# less than a larger batch would: raise it there. The certificates do not depend on it (the noise is
+# drawn in NOISE_CHUNK rows whatever the batch).
 DEFAULT_BATCH_SIZE = 256
 ABSTAIN = -1
 # Sequential CERTIFY (issue #33; benchmarks/bench_certify_sequential.py, sequential_ceiling.py):
