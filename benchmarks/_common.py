@@ -78,3 +78,22 @@ def spread(samples: Sequence[float], fmt: str = ".3f") -> str:
 def ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
     """Round-by-round ratios: the two sides of each ratio were measured in the same round."""
     return [a / b for a, b in zip(num, den)]
+
+
+def classifier_kwargs(config: str | os.PathLike) -> tuple[dict, tuple[int, ...]]:
+    """``RRCMModel`` keyword arguments for a fresh 10-class classifier (no projector) of an experiment
+    config's model, and the image shape (C, H, W), read from the config's own test split as the experiment
+    does: no second list of shapes. Weights do not change the cost of fixed-n CERTIFY."""
+    from rrcm_diffusers.data import load_dataset
+    from rrcm_diffusers.experiment import load_config
+
+    cfg = load_config(config)
+    shape = tuple(load_dataset(cfg.dataset, "test", cfg.data_dir)[0].shape[1:])
+    kw = {
+        **cfg.model,
+        "image_size": shape[-1],
+        "in_channels": shape[0],
+        "projection_dim": 0,
+        "num_classes": 10,
+    }
+    return kw, shape

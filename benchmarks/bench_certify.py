@@ -28,7 +28,7 @@ import time
 import warnings
 
 import torch
-from _common import interleave, machine, ratios, spread
+from _common import classifier_kwargs, interleave, machine, ratios, spread
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,24 +69,14 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from rrcm_diffusers import RRCMModel, RRCMPipeline
-    from rrcm_diffusers.data import load_dataset
-    from rrcm_diffusers.experiment import cm_scheduler, load_config
+    from rrcm_diffusers.experiment import cm_scheduler
     from rrcm_diffusers.pipeline_dds import DDSPipeline, small_unet
     from rrcm_diffusers.trajectory import noise_level_for_sigma
 
     print(machine())
     torch.manual_seed(0)
-    cfg = load_config(args.config)
-    # (C, H, W) read from the config's own test split, as the experiment does: no second list of shapes
-    shape = tuple(load_dataset(cfg.dataset, "test", cfg.data_dir)[0].shape[1:])
-    print(f"model: {cfg.model}, images {shape} ({args.config})")
-    kw = {
-        **cfg.model,
-        "image_size": shape[-1],
-        "in_channels": shape[0],
-        "projection_dim": 0,
-        "num_classes": 10,
-    }
+    kw, shape = classifier_kwargs(args.config)
+    print(f"model: {kw}, images {shape} ({args.config})")
     clf = RRCMModel(**kw).eval()
     rrcm = RRCMPipeline(model=clf, scheduler=cm_scheduler())
     dds = DDSPipeline(

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import interleave, machine, ratios, spread
+from _common import classifier_kwargs, interleave, machine, ratios, spread
 
 from rrcm_diffusers import RRCMModel, RRCMPipeline
-from rrcm_diffusers.data import load_dataset, load_mnist, strided_class_subset
-from rrcm_diffusers.experiment import cm_scheduler, load_config
+from rrcm_diffusers.data import load_mnist, strided_class_subset
+from rrcm_diffusers.experiment import cm_scheduler
 from rrcm_diffusers.report import certify_methods
 
 CONFIGS = ["mnist_small", "mnist_main", "cifar10_cpu"]
@@ -37,11 +37,11 @@ METHODS = {"rRCM": "rrcm", "Cohen": "cohen", "scratch+consistency": "scratch"}  
 
 def user_certify(config: str, images: int, n: int) -> Callable[[int], tuple[float, list]]:
     """``pipe.certify`` at fixed n on random images with a fresh classifier of ``config``'s model."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / "examples/rrcm/configs" / f"{config}.yaml")
-    shape = tuple(load_dataset(cfg.dataset, "test", cfg.data_dir)[0].shape[1:])  # (C, H, W)
+    kw, shape = classifier_kwargs(
+        Path(__file__).resolve().parents[1] / "examples/rrcm/configs" / f"{config}.yaml"
+    )
     torch.manual_seed(0)
-    model = RRCMModel(**{**cfg.model, "image_size": shape[-1], "in_channels": shape[0], "projection_dim": 0})
-    pipe = RRCMPipeline(model=model.for_classification(10).eval(), scheduler=cm_scheduler())
+    pipe = RRCMPipeline(model=RRCMModel(**kw).eval(), scheduler=cm_scheduler())
     pipe.set_progress_bar_config(disable=True)
     x = torch.rand(images, *shape)  # (N, C, H, W) in [0, 1]
 
@@ -99,7 +99,7 @@ def main() -> None:
             f"{c}: pipe.certify, {args.images} images, n {n}": user_certify(c, args.images, n)
             for c in CONFIGS
         }
-    base = args.batch_sizes[0]
+    base, differ = args.batch_sizes[0], []
     for name, run in settings.items():
         results: dict[int, list] = {b: [] for b in args.batch_sizes}
 
@@ -112,11 +112,14 @@ def main() -> None:
         print(name)
         for b in args.batch_sizes:
             same = all(c == results[base][0] for c in results[b])
+            differ += [] if same else [f"{name}, batch {b}"]
             print(
                 f"  batch {b:5d}: {spread(times[b], '.2f')} s; per round / batch {base}: "
                 f"{' '.join(f'{r:.2f}' for r in ratios(times[b], times[base]))}; certificates "
                 f"{'identical' if same else 'DIFFER'}"
             )
+    if differ:  # the noise is drawn whatever the batch: a difference is a bug, not a timing
+        raise SystemExit(f"certificates differ from batch {base}'s: {differ}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ CASES = {  # id: (script, arguments, what its output must say)
         [*CERTIFY, "--config", "examples/rrcm/configs/cifar10_cpu.yaml"],
         "images (3, 32, 32)",
     ),
+    # every config's pipe.certify at two batch sizes: the certificates must not depend on the batch
+    "certify-batch": (
+        "bench_certify_batch.py",
+        ["--rounds", "1", "--n", "100", "--images", "1", "--batch-sizes", "100", "32"],
+        "certificates identical",
+    ),
     "cbb": ("bench_cbb.py", ["--rounds", "2", "--iters", "1", "--batch", "4"], "CBB / MNRL"),
     # the cached loss's table: every (loss, batch) in a fresh process, memory and time
     "cbb-cached": (
