@@ -50,8 +50,10 @@ def _run(kind: str, classifier, images, labels, sigma, n0, n, alpha, radii, batc
             )
     seconds = time.perf_counter() - start
     cat = lambda name: torch.cat([getattr(r, name) for r in out])  # noqa: E731
-    samples = cat("samples") if kind == "sequential" else torch.full((images.shape[0],), n)
-    result = CertifyResult(cat("predictions"), cat("radii"), cat("p_lower"), cat("counts"), samples)
+    samples, selection = (cat("samples"), cat("selection")) if kind == "sequential" else (None, None)
+    result = CertifyResult(
+        cat("predictions"), cat("radii"), cat("p_lower"), cat("counts"), samples, selection
+    )
     return summary_row(kind, sigma, result, labels, n0=n0, n=n, alpha=alpha, seconds=seconds), result
 
 
@@ -128,16 +130,19 @@ def main() -> None:
         looks = sequential_looks(n, args.alpha, radius_thresholds(radii, args.sigma))
         used = seq_result.samples
         print("  where the samples go (sequential): look, images stopping there, share of its forward passes")
+        print(f"    {0:>7,}  {int((used == 0).sum()):>5}  {float(seq_result.selection[used == 0].sum()) / seq['forward_passes']:6.1%}"
+              "  (abstained after the selection step)")  # fmt: skip
         for m in looks:
             stop = used == m
             print(
-                f"    {m:>7,}  {int(stop.sum()):>5}  {float((used[stop] + args.n0).sum()) / seq['forward_passes']:6.1%}"
+                f"    {m:>7,}  {int(stop.sum()):>5}  {float((used[stop] + seq_result.selection[stop]).sum()) / seq['forward_passes']:6.1%}"
             )
         if args.out:
             with open(f"{args.out}-n{n}.json", "w") as f:
                 json.dump({"labels": labels.tolist(), "looks": looks, **{
                     kind: {k: getattr(r, k).tolist() for k in ("predictions", "radii", "p_lower", "counts")}
-                    | {"samples": used.tolist() if kind == "sequential" else None, "seconds": row["seconds"]}
+                    | {"samples": used.tolist() if kind == "sequential" else None, "seconds": row["seconds"],
+                       "selection": seq_result.selection.tolist() if kind == "sequential" else None}
                     for kind, r, row in (("fixed", fixed_result, fixed), ("sequential", seq_result, seq)) if r}}, f)  # fmt: skip
         print(f"\n{images.shape[0]} images, σ {args.sigma}, n = n_max = {n}, α {args.alpha}, radii {radii}")
         for r in rows:

@@ -13,6 +13,7 @@ import torch
 from scipy.stats import beta, norm
 
 from rrcm_diffusers.certification import (
+    FUTILITY,
     certify,
     certify_sequential,
     look_levels,
@@ -22,6 +23,7 @@ from rrcm_diffusers.certification import (
     reachable_levels,
     sequential_bounds,
     sequential_looks,
+    sequential_selection,
 )
 
 SIGMA = 0.5
@@ -210,6 +212,70 @@ def test_the_certifier_matches_its_loop_and_fixed_n_is_unchanged():
     assert fixed.counts.tolist() == [int(fixed.counts[0])] and int(fixed.counts[0]) > 9900
 
 
+def _class_classifier(image: torch.Tensor, probs: list[float]):
+    """Votes class k exactly when Φ(noise at pixel 0) falls in the k-th of the intervals ``probs`` cut
+    [0, 1] into: class k's probability is probs[k] exactly."""
+    cuts = torch.tensor(norm.ppf(np.cumsum(probs)[:-1]), dtype=torch.float32)  # (K - 1,)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        z = (x[:, 0, 0, 0] - image[0, 0, 0]) / SIGMA  # (B,), N(0, 1)
+        return torch.nn.functional.one_hot(torch.bucketize(z, cuts), len(probs)).float()  # (B, K)
+
+    return f
+
+
+def test_the_selection_stops_once_its_leader_is_clear_and_a_hopeless_image_abstains_there():
+    image = torch.full((1, 4, 4), 0.5)
+    run = lambda clf, n0=100: certify_sequential(  # noqa: E731
+        clf, image[None], SIGMA, n0=n0, n_max=1000, generator=torch.Generator().manual_seed(0)
+    )
+    sure = run(_class_classifier(image, [0.0, 1.0]))  # 16 of 16 votes: stops at the first look
+    assert sure.selection.tolist() == [16] and sure.predictions.tolist() == [1] and int(sure.samples[0]) > 0
+    assert run(_class_classifier(image, [0.0, 1.0]), n0=10).selection.tolist() == [10]  # never past n0
+    close = run(_class_classifier(image, [0.5, 0.5]))  # no clear leader: all of n0, then estimation
+    assert close.selection.tolist() == [100] and int(close.samples[0]) > 0
+    # the leader's rate is at most 0.4 and r = 0 needs 0.55 of 1,000 votes: abstains, no estimation sample
+    hopeless = run(_class_classifier(image, [0.4, 0.3, 0.3]))
+    assert hopeless.selection.tolist() == [100] and hopeless.samples.tolist() == [0]
+    assert hopeless.predictions.tolist() == [-1] and hopeless.radii.tolist() == [0.0]
+
+
+def _replay(run: np.ndarray):
+    """``draw`` for `sequential_selection`: the votes (K,) of the next ``k`` of ``run``'s (T, K)."""
+    at = [0]
+
+    def draw(k: int) -> torch.Tensor:
+        at[0] += k
+        return torch.from_numpy(run[at[0] - k : at[0]].sum(0))
+
+    return draw
+
+
+def test_the_selection_picks_what_n0_samples_pick_and_stops_a_reachable_image_at_most_at_futility():
+    """1,500 simulated selections per case, votes drawn with known class probabilities."""
+    thresholds = radius_thresholds([0.0, 0.5, 1.0], SIGMA)
+    looks = sequential_looks(1000, 0.001, thresholds)
+    needed = float(reachable_levels(thresholds, 1000, look_levels(0.001, len(looks))[-1])[0])
+    rng = np.random.default_rng(0)
+    for probs in ([needed, 1 - needed], [needed, *[(1 - needed) / 4] * 4], [0.6, 0.4], [0.9, 0.05, 0.05]):
+        runs = 1_500
+        votes = rng.multinomial(1, probs, size=(runs, 100))  # (R, 100, K): each run's first 100 votes
+        picks, hopeless, drawn = [], 0, []
+        for run in votes:
+            c_a, m, reachable = sequential_selection(_replay(run), 100, needed)
+            picks.append(c_a), drawn.append(m)
+            hopeless += not reachable
+        picks = np.asarray(picks)
+        with_all = votes.sum(1).argmax(1)  # (R,) what CERTIFY's 100 samples pick on the same votes
+        early = np.asarray(drawn) < 100
+        assert (picks[early] == with_all[early]).mean() >= 0.999, probs  # stopping early changes no pick
+        if probs[0] > 0.5:  # p_A reaches what r = 0 needs: stopped at the selection at most at futility
+            assert (picks == 0).mean() >= (with_all == 0).mean() - 0.001, probs
+            assert beta.ppf(0.05, max(hopeless, 1), runs - hopeless + 1) * (hopeless > 0) <= FUTILITY, probs
+        if probs[0] >= 0.9:
+            assert np.mean(drawn) < 40, probs  # a clear image's selection is short
+
+
 def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
     from rrcm_diffusers import RRCMPipeline
     from rrcm_diffusers.dataset_certification import certify_dataset, read_records, report_row
@@ -221,6 +287,7 @@ def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
                        generator=torch.Generator().manual_seed(0))  # fmt: skip
     first = sequential_looks(3000, 0.001, radius_thresholds([0.0, 0.25, 0.5], 0.5))[0]
     assert out.samples is not None and ((out.samples >= first) & (out.samples <= 3000)).all()
+    assert out.selection is not None and ((out.selection >= 16) & (out.selection <= 20)).all()
     assert ((out.predictions >= 0) == (out.p_lower >= 0.5)).all()
     assert pipe.certify(images, sigma=0.5, n0=20, n=300).samples is None  # the default: fixed n
 
@@ -230,11 +297,18 @@ def test_the_pipeline_certifies_sequentially_when_given_the_radii(tmp_path):
     )
     first = sequential_looks(3000, 0.001, radius_thresholds([0.0, 0.5], 0.5))[0]
     assert all(first <= r["samples"] <= 3000 for r in records)
-    assert [r["samples"] for r in read_records(tmp_path).values()] == [r["samples"] for r in records]
+    assert [(r["samples"], r["selection"]) for r in read_records(tmp_path).values()] == [
+        (r["samples"], r["selection"]) for r in records
+    ]
     row = report_row(records, "rrcm", 0.5, 20, 3000, 0.001)
-    assert row["forward_passes"] == sum(r["samples"] for r in records) + 3 * 20
+    assert row["forward_passes"] == sum(r["samples"] + r["selection"] for r in records)
     with pytest.raises(ValueError, match=r"differs in \['radii'\]"):
         certify_dataset(pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 1.0], progress=False)
+    # a folder certified before the selection stopped early (no selection_looks in its record) is not mixed in
+    run = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k != "selection_looks"}))
+    with pytest.raises(ValueError, match=r"differs in \['selection_looks'\]"):
+        certify_dataset(pipe, images, labels, 0.5, tmp_path, n0=20, n=3000, radii=[0.0, 0.5], progress=False)
 
 
 def test_futility_reaches_the_pipelines_and_the_dataset_runs_and_is_refused_without_radii(tmp_path):
@@ -294,12 +368,12 @@ def test_the_report_states_the_guarantee_and_where_the_samples_went():
         "unsure": lambda s: _threshold_classifier(image, 0.7),
     }
     rows = certify_methods(methods, images, labels, [SIGMA], n0=20, n=5000, progress=False, sequential=True)
-    for row in rows:
+    for row, selection in zip(rows, (16, 20)):  # sure: 16 votes of 16 end its selection; unsure: n0
         histogram = {int(k): c for k, c in row["samples_histogram"].items()}
         assert sum(histogram.values()) == 3 and set(histogram) <= set(
             sequential_looks(5000, 0.001, THRESHOLDS_REPORT)
         )
-        assert row["forward_passes"] == sum(k * c for k, c in histogram.items()) + 3 * 20
+        assert row["forward_passes"] == sum(k * c for k, c in histogram.items()) + 3 * selection
     sure, unsure = sorted(rows, key=lambda r: r["method"])
     # a clear image stops before n_max (the grid's top radius reachable at 5,000 is 2.5σ: ~1,300 samples)
     assert max(int(k) for k in sure["samples_histogram"]) < sure["n"]

@@ -48,6 +48,7 @@ from ._checks import check_int
 from .certification import (
     DEFAULT_BATCH_SIZE,
     FUTILITY,
+    SELECTION_LOOKS,
     CertifyResult,
     certify,
     certify_sequential,
@@ -186,6 +187,8 @@ def certify_dataset(
     run = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "num_images": int(images.shape[0])}
     if radii is not None:  # only then: a fixed-n run's record (and its folder) stays as before
         run["radii"] = [float(r) for r in radii]
+        # the selection rule too: images certified before it stopped early are not mixed in
+        run["selection_looks"] = list(SELECTION_LOOKS)
         if futility != FUTILITY:  # other certificates; at the default the record (and a resume) is as before
             run["futility"] = futility
     run.update(_fingerprint(pipeline, images, labels))
@@ -272,7 +275,7 @@ def _certify_one(
         "seconds": time.perf_counter() - start,
     }
     if res.samples is not None:
-        record["samples"] = int(res.samples[0])
+        record["samples"], record["selection"] = int(res.samples[0]), int(res.selection[0])
     return record
 
 
@@ -289,6 +292,11 @@ def report_row(
             torch.tensor([r["samples"] for r in records], dtype=torch.long)
             if records and "samples" in records[0]
             else None  # fixed-n CERTIFY: n each
+        ),
+        selection=(
+            torch.tensor([r["selection"] for r in records], dtype=torch.long)
+            if records and "selection" in records[0]
+            else None  # CERTIFY's selection: n0 each
         ),
     )
     labels = torch.tensor([r["label"] for r in records], dtype=torch.long)

@@ -636,10 +636,9 @@ def _certify_and_report(
             workers=cc.workers,
         )
     how = (
-        f"sequential CERTIFY n0={cc.n0}, n_max={cc.n} (each image stops once its radius on the table's "
-        "grid is decided: forward_passes and samples_* in results.csv"
-        + ("" if cc.futility is None else f"; futility {cc.futility}")
-        + ")"
+        f"sequential CERTIFY n0={cc.n0}, n_max={cc.n} (each image's selection stops once its leading class is "
+        "clear, and its sampling once its radius on the table's grid is decided: forward_passes and samples_* "
+        "in results.csv" + ("" if cc.futility is None else f"; futility {cc.futility}") + ")"
         if cc.sequential
         else f"CERTIFY n0={cc.n0}, n={cc.n}"
     )

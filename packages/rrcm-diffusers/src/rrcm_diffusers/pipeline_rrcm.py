@@ -59,6 +59,8 @@ class RRCMCertifyOutput(BaseOutput):
         counts (`torch.Tensor` of shape `(N,)`): votes for the selected class among `n` samples.
         samples (`torch.Tensor` of shape `(N,)`, *optional*): estimation samples drawn per image
             (sequential certification, `radii=`); `None` for fixed-n CERTIFY (`n` for every image).
+        selection (`torch.Tensor` of shape `(N,)`, *optional*): selection samples drawn per image
+            (sequential certification: at most `n0`); `None` for fixed-n CERTIFY (`n0` for every image).
     """
 
     predictions: torch.Tensor
@@ -66,6 +68,7 @@ class RRCMCertifyOutput(BaseOutput):
     p_lower: torch.Tensor
     counts: torch.Tensor
     samples: torch.Tensor | None = None
+    selection: torch.Tensor | None = None
 
 
 class RRCMPipeline(DiffusionPipeline):
@@ -249,6 +252,7 @@ class RRCMPipeline(DiffusionPipeline):
             p_lower=out.p_lower,
             counts=out.counts,
             samples=out.samples,
+            selection=out.selection,
         )
 
     def _progress_disabled(self) -> bool:
