@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,50 @@ def torch_venv(tmp_path_factory) -> Path:
     run_ok([sys.executable, "-m", "venv", str(venv)], timeout=120)
     run_ok([*pip_install(venv), "-c", str(REPO / "constraints.txt"), "torch==2.13.0"], timeout=600)
     return venv
+
+
+class _Installs(dict):
+    """key -> Future of a venv's path; a key not started yet is started when asked for."""
+
+    def __init__(self, start):
+        super().__init__()
+        self._start = start
+
+    def __missing__(self, key: str) -> Future:
+        self[key] = self._start(key)
+        return self[key]
+
+
+@pytest.fixture(scope="session")
+def user_venvs(request, tmp_path_factory, release_dist, torch_venv) -> Iterator[dict[str, Future]]:
+    """The virtual environments of the release test (key ``"release"``) and the lowest-versions tests
+    (the package's name), each a copy of ``torch_venv`` outside the source tree; ``.result()`` is its path.
+
+    The first test that asks starts the installs of every one this run selected, side by side, and each
+    test waits for its own: pip spends an install resolving and byte-compiling on one core, so the three
+    took 110.5 and 121.9 s at once against 184.6 and 210.8 s one after another (measured 2026-12-07, 2
+    cores), and the later tests find theirs ready. An install that fails fails the test that asked for it.
+    Under pytest-xdist a worker cannot know which tests it will get: each install starts when asked for."""
+    from tests.helpers import install_lowest, install_release, new_venv
+
+    root, pool = tmp_path_factory.mktemp("user-venvs"), ThreadPoolExecutor(3)
+
+    def build(key: str) -> Path:
+        pip = new_venv(torch_venv, root / key)
+        if key == "release":
+            install_release(pip, release_dist)
+        else:
+            install_lowest(pip, release_dist, key)
+        return root / key
+
+    installs = _Installs(lambda key: pool.submit(build, key))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        for item in request.session.items:
+            if "user_venvs" in item.fixturenames:
+                params = item.callspec.params if hasattr(item, "callspec") else {}
+                installs[params.get("package", "release")]  # started
+    yield installs
+    pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="session")

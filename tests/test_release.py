@@ -12,25 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import new_venv, run_ok
+from tests.helpers import RELEASE, run_ok
 from tests.readme_snippets import CACHED_LOSS, DATA, hub_cache, run_conan_block, run_script, write_script
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["shared-dist", "rrcm-diffusers", "conan-st"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_wheels_install_and_run_outside_the_source_tree(tmp_path, release_dist, torch_venv):
+def test_wheels_install_and_run_outside_the_source_tree(tmp_path, release_dist, user_venvs):
     dist = release_dist  # scripts/build_release.sh's checks passed
-    assert len(list(dist.glob("*.whl"))) == len(list(dist.glob("*.tar.gz"))) == 3
+    assert len(list(dist.glob("*.whl"))) == len(list(dist.glob("*.tar.gz"))) == len(RELEASE)
 
-    venv = tmp_path / "venv"
-    pip = new_venv(torch_venv, venv)  # a new venv with torch 2.13.0, the CPU build, as scripts/setup.sh
-    constraints = ["-c", str(REPO / "constraints.txt")]
-    # our three from dist/ only, by name; then what they need from the registry
-    run_ok([*pip, "--no-index", "--find-links", str(dist), "--no-deps", *PACKAGES], timeout=300)
-    run_ok([*pip, *constraints, *PACKAGES], timeout=900)
+    # a new venv with torch 2.13.0 (the CPU build, as scripts/setup.sh), our three from dist/ only, by name,
+    # then what they need from the registry: `helpers.install_release`, started beside the other installs
+    venv = user_venvs["release"].result()
     run_ok([str(venv / "bin/python"), "-m", "pip", "check"], timeout=120)
     installed = run_ok([str(venv / "bin/python"), "-m", "pip", "freeze"], timeout=120).lower()
     assert "nvidia-" not in installed, installed  # what the README promises: no CUDA stack on a CPU machine
