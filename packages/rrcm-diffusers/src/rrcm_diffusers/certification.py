@@ -471,8 +471,9 @@ def sequential_selection(
 
     Neither decision touches the guarantee: the estimation samples are independent of the selection
     whatever rule picked c_A, and an abstention certifies nothing. The leader's count is the largest
-    count, at least the true top class's, so an image whose p_A reaches ``needed`` is stopped here with
-    probability ≤ ``futility``, as at every look of `sequential_bounds`."""
+    count, at least the true top class's, so at each look an image whose p_A reaches ``needed`` is stopped
+    with probability ≤ ``futility``, as at every look of `sequential_bounds` (a look before ``n0`` stops
+    only on a clear lead, which leaves the upper bound high)."""
     counts, drawn = None, 0
     for m in [*(s for s in SELECTION_LOOKS if s < n0), n0]:
         votes = draw(m - drawn)  # (K,)

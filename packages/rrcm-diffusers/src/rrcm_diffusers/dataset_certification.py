@@ -166,8 +166,8 @@ def certify_dataset(
     ``prediction`` (-1: abstain), ``radius``, ``p_lower``, ``count`` and ``seconds``.
     Finished images in ``out`` are kept, never recomputed (see the module docstring). With ``radii``
     (the radii you report) each image is certified sequentially (`certify_sequential`, ``n`` the most
-    samples per image) and its record carries ``samples``, the estimation samples it used;
-    ``futility`` is then `certify_sequential`'s (default 0.05; refused without ``radii``).
+    samples per image) and its record carries ``samples`` and ``selection``, the estimation and selection
+    samples it used; ``futility`` is then `certify_sequential`'s (default 0.05; refused without ``radii``).
     """
     # 0. every argument checked before OUT is claimed: a refused value must not leave a record
     #    that then refuses the corrected command as "another config"
