@@ -5,7 +5,7 @@ this machine's disk: torch's lowest declared release, 2.5, has no CPU wheel on t
 would pull a multi-GB CUDA build), then the package's wheel (scripts/build_release.sh, built once per
 run) with the lowest declared version of diffusers and accelerate (rrcm-diffusers), sentence-transformers,
 transformers and accelerate (conan-st) pinned. Imports and the README's code block must run there as written. When a bound is raised or
-lowered in a pyproject.toml, LOWEST below must follow, and this test says whether it holds."""
+lowered in a pyproject.toml, LOWEST (tests/helpers.py) must follow, and this test says whether it holds."""
 
 from __future__ import annotations
 
