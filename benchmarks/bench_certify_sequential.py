@@ -130,12 +130,11 @@ def main() -> None:
         looks = sequential_looks(n, args.alpha, radius_thresholds(radii, args.sigma))
         used = seq_result.samples
         print("  where the samples go (sequential): look, images stopping there, share of its forward passes")
-        print(f"    {0:>7,}  {int((used == 0).sum()):>5}  {float(seq_result.selection[used == 0].sum()) / seq['forward_passes']:6.1%}"
-              "  (abstained after the selection step)")  # fmt: skip
-        for m in looks:
+        for m in [0, *looks]:  # 0: abstained after the selection step, no estimation sample
             stop = used == m
             print(
                 f"    {m:>7,}  {int(stop.sum()):>5}  {float((used[stop] + seq_result.selection[stop]).sum()) / seq['forward_passes']:6.1%}"
+                + ("  (abstained after the selection step)" if m == 0 else "")
             )
         if args.out:
             with open(f"{args.out}-n{n}.json", "w") as f:
