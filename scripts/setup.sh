@@ -18,16 +18,22 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if grep -q '"name": "nvidia-' "$report" && ! command -v nvidia-smi >/dev/null; then
         echo "setup: the default index offers a CUDA build of torch and this machine has no GPU;" \
              "installing the CPU build from PyTorch's CPU index" >&2
-        .venv/bin/python -m pip install -q --timeout 20 --retries 1 \
-            --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==2.13.0" \
-            || { echo "setup: the CPU index could not be reached; installing the default build" >&2
+        # pip's own errors for an unreachable index end in "ResolutionImpossible", which reads like a
+        # failed setup: keep them in a file and say in one line what happened and what comes next
+        index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu} errors=$(mktemp)
+        .venv/bin/python -m pip install -q --timeout 20 --retries 1 --index-url "$index" "torch==2.13.0" 2>"$errors" \
+            || { reason=$(grep -m1 -oE "Failed to resolve '[^']+'|No matching distribution[^:]*" "$errors" \
+                          || grep -m1 "^ERROR" "$errors" || echo "pip failed")
+                 echo "setup: no torch 2.13.0 from $index ($reason); installing the default build" >&2
                  .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"; }
+        rm -f "$errors"
     else
         .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
     fi
     rm -f "$report"
 fi
-.venv/bin/python -c "import torch; print(f'setup: torch {torch.__version__}', 'CPU build' if torch.version.cuda is None else f'CUDA {torch.version.cuda} build')"
+# -W: a CUDA build warns on import that numpy (installed next) is missing
+.venv/bin/python -W ignore::UserWarning -c "import torch; print(f'setup: torch {torch.__version__}', 'CPU build' if torch.version.cuda is None else f'CUDA {torch.version.cuda} build')"
 # The packages name shared-dist by version (as on an index); installing the checkout's
 # shared-dist in the same command satisfies that requirement with the editable copy.
 .venv/bin/python -m pip install -q -c constraints.txt \

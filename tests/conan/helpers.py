@@ -125,7 +125,14 @@ class Recorder:
         def spy(features, labels):
             ret, sts = original(features, labels)
             rows = ret.nonzero().flatten()
-            decode = lambda f: tokenizer.batch_decode(f["input_ids"][rows], skip_special_tokens=True)  # noqa: E731
+
+            def decode(f: dict) -> list[str]:  # no rows, no texts: transformers 5.20 decodes [] as [""]
+                return (
+                    tokenizer.batch_decode(f["input_ids"][rows], skip_special_tokens=True)
+                    if len(rows)
+                    else []
+                )
+
             n_cols = len(features) - (2 if labels is not None else 0)
             cols = [decode(f) for f in features[:n_cols]]
             self.steps.append(
