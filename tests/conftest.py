@@ -95,9 +95,10 @@ def release_dist(tmp_path_factory) -> Path:
     return dist
 
 
-# The files that take longest in the fast suite (--durations=0, 2026-12-07: 152 s and 67 s of 395 s of test
-# time on 2 workers), handed out before all others; then every other file that starts processes.
-LONGEST_FIRST = ("tests/test_readme.py", "tests/rrcm/test_resume.py")
+# The files that take longest in the fast suite (--durations, 2026-12-08: 137 s and 37 s on 2 workers;
+# tests/rrcm/test_resume.py was second, 69 s, until its jobs were forked), handed out before all others;
+# then every other file that starts processes.
+LONGEST_FIRST = ("tests/test_readme.py", "tests/conan/test_correctness.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -45,6 +48,51 @@ def accelerate_launch(
     return subprocess.run(
         cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+# What a job of `run_in_new_process` imports, imported once by the forkserver it forks from
+JOB_PRELOAD = ["torch", "rrcm_diffusers.training", "sentence_transformers", "conan_st", "tests.rrcm.helpers",
+               "tests.conan.helpers"]  # fmt: skip
+
+
+def run_in_new_process(fn: Callable[..., Any], *args: Any, timeout: float = 240) -> int:
+    """Run ``fn(*args)`` in a process of its own, as a command a user runs (and may kill) would; its exit code
+    (0, 1 if it raised, -9 if it killed itself). ``fn``: a module-level function.
+
+    A new interpreter spends 8-12 s importing diffusers or sentence-transformers. The process is forked
+    from this one where that is safe (one torch thread, as in scripts/test.sh's workers: no OpenMP pool
+    to inherit), else from a forkserver that imported ``JOB_PRELOAD`` once and never ran a torch op."""
+    import multiprocessing
+    import tempfile
+
+    import torch
+
+    if torch.get_num_threads() == 1:
+        ctx = multiprocessing.get_context("fork")
+    else:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(JOB_PRELOAD)  # read when the server starts: the first call
+    with tempfile.TemporaryDirectory() as tmp:
+        error = Path(tmp) / "traceback.txt"
+        proc = ctx.Process(target=_job_entry, args=(fn, args, str(error)))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise AssertionError(f"{fn.__name__}{args} did not end within {timeout} s")
+        assert proc.exitcode in (0, -9), f"{fn.__name__}{args} failed (exit code {proc.exitcode}):\n" + (
+            error.read_text() if error.is_file() else "no traceback"
+        )
+        return proc.exitcode
+
+
+def _job_entry(fn: Callable[..., Any], args: tuple, error: str) -> None:
+    try:
+        fn(*args)
+    except BaseException:
+        Path(error).write_text(traceback.format_exc())
+        raise
 
 
 def run_ok(cmd: list[str], **kw) -> str:

@@ -45,10 +45,11 @@ def test_the_readme_block_runs_at_the_lowest_declared_versions(package, tmp_path
     python = str(venv / "bin/python")
     if package == "rrcm-diffusers":
         (res,) = run_script(write_script("rrcm", where / "rrcm_block.py"), where, python)
-        assert res["steps"] == res["total_steps"] and res["reloaded_radii"] == res["radii"]
+        assert res["steps"] == res["total_steps"] and res["reloaded_weights_equal"]
+        assert res["reloaded_radii"] == res["saved_radii"]
     else:
         results = run_conan_block(where, python, tmp_path / "hub")
-        assert sorted(r["global_step"] for r in results) == [18, 18]
+        assert sorted(r["global_step"] for r in results) == [15, 15]
         # mteb is the [mteb] extra: training ran without it, and evaluation says how to get it
         probe = "import conan_st.evaluation"
         proc = subprocess.run([python, "-c", probe], cwd=where, capture_output=True, text=True, timeout=300)

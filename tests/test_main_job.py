@@ -64,8 +64,8 @@ def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_di
     assert "| before |" in summary and "| after |" in summary
     results = json.loads((out / "results.json").read_text())
     assert {"rrcm", "conan", "wall_time_s"} <= set(results)
-    # conan-st's 20 steps of 16 (two passes over 160 queries) improve both held-out metrics over the base
-    # model (measured on a 2-core AVX2 CPU: nDCG@10 +0.106, STS +0.067 on 200 queries; this was
+    # conan-st's 20 steps of 16 (two passes over 160 queries, 64 tokens) improve both held-out metrics over
+    # the base model (measured on a 2-core AVX2 CPU: nDCG@10 +0.113, STS +0.085 on 200 queries; this was
     # tests/conan/test_quality.py, a second MiniLM run of its own), and the mining rule ran every 5 steps
     before, after = results["conan"]["before"], results["conan"]["after"]
     assert after["CMRC2018Local"] > before["CMRC2018Local"] + 0.05, (before, after)

@@ -7,34 +7,41 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conan_st import last_complete_checkpoint
-from tests.helpers import REPO
+from tests.helpers import run_in_new_process
 
 STEPS = 8  # 24 pairs in batches of 8: 3 steps an epoch; mining checks at 3 and 6; saves every 2
 
-JOB = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
+
+def _train(out: str, kill: str, model_path: str) -> None:
+    """The training command, in a process of its own: ``STEPS`` steps of the tiny model, saving every 2,
+    resumed from the last complete checkpoint; ``kill`` ("step:N", "save:N", "state:N" or "none") says
+    where it kills -9 itself."""
+    import signal
+
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import TrainerState
-    from conan_st import (CrossGPUBalancingLoss, DynamicHardNegativeMiningCallback, TaskBalancedBatchSampler,
-                          last_complete_checkpoint, make_balanced_datasets)
+
+    from conan_st import (
+        CrossGPUBalancingLoss,
+        DynamicHardNegativeMiningCallback,
+        TaskBalancedBatchSampler,
+        make_balanced_datasets,
+    )
     from tests.conan.helpers import DOCS, PAIRS, load_tiny, sts_rows
 
-    out, steps, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     where, _, at = kill.partition(":")
-    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
 
     class KillMidStep(TrainerCallback):  # after the optimiser step, before any save of that step
         def on_step_end(self, args, state, control, **kwargs):
@@ -43,55 +50,46 @@ JOB = textwrap.dedent(
 
     if where == "save":  # weights, optimiser and RNG written; trainer_state.json (the store) not yet
         real_rng = Trainer._save_rng_state
+
         def rng_then_die(self, output_dir):
             real_rng(self, output_dir)
             if self.state.global_step == int(at):
                 die()
+
         Trainer._save_rng_state = rng_then_die
     if where == "state":  # trainer_state.json half written
         real_json = TrainerState.save_to_json
+
         def half_then_die(self, path):
             real_json(self, path)
             if self.global_step == int(at):
-                text = open(path).read()
-                open(path, "w").write(text[: len(text) // 2])
+                text = Path(path).read_text()
+                Path(path).write_text(text[: len(text) // 2])
                 die()
+
         TrainerState.save_to_json = half_then_die
 
     torch.manual_seed(0)
-    model = load_tiny(os.environ["TINY_MODEL"])  # the mechanics of resume, not MiniLM's quality
+    model = load_tiny(model_path)  # the mechanics of resume, not MiniLM's quality
     loss = CrossGPUBalancingLoss(model)
     cb = DynamicHardNegativeMiningCallback.from_pairs(
         model, PAIRS, num_negatives=2, depth=30, skip=10, extra_documents=DOCS, loss=loss,
         interval=3, ratio=1e-6, abs_bound=1.0,  # every example seen is "easy": windows move
-    )
+    )  # fmt: skip
     args = SentenceTransformerTrainingArguments(
-        output_dir=out, max_steps=steps, report_to=[], disable_tqdm=True, learning_rate=1e-4,
+        output_dir=out, max_steps=STEPS, report_to=[], disable_tqdm=True, learning_rate=1e-4,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=2, seed=0,
         multi_dataset_batch_sampler=TaskBalancedBatchSampler.configure(retrieval_batch_size=8, sts_batch_size=4),
-    )
+    )  # fmt: skip
     train = make_balanced_datasets(cb.train_dataset(PAIRS), sts_rows())
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train, loss=loss, callbacks=[cb, KillMidStep()]
     )
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
-    """
-)
 
 
-def _job(out, model_path: str, kill: str = "none") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["TINY_MODEL"] = model_path
-    env["CONAN_ST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", JOB, str(out), str(STEPS), kill],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode in (0, -9), proc.stderr[-3000:]
-    return proc
+def _job(out, model_path: str, kill: str = "none") -> int:
+    return run_in_new_process(_train, str(out), kill, model_path, timeout=300)
 
 
 def _final(out):
@@ -111,7 +109,7 @@ def _final(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert _job(out, tiny_path).returncode == 0
+    assert _job(out, tiny_path) == 0
     return _final(out)
 
 
@@ -123,14 +121,13 @@ def uninterrupted(tmp_path_factory, tiny_path):
     ids=["mid-step-5", "mid-step-7", "after-weights-before-store", "store-half-written"],
 )
 def test_killed_training_resumes_bit_exactly(kill, resumes_from, uninterrupted, tmp_path, tiny_path):
-    assert _job(tmp_path, tiny_path, kill).returncode == -9
+    assert _job(tmp_path, tiny_path, kill) == -9
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{resumes_from}")
     if kill.startswith(("save", "state")):  # the half-written checkpoint-6 is skipped, with the reason
         assert [str(w.message) for w in caught] and "checkpoint-6" in str(caught[0].message)
-    resumed = _job(tmp_path, tiny_path)
-    assert resumed.returncode == 0
+    assert _job(tmp_path, tiny_path) == 0
     weights, logs, store = _final(tmp_path)
     ref_weights, ref_logs, ref_store = uninterrupted
     assert weights.keys() == ref_weights.keys() and all(

@@ -4,9 +4,6 @@ the same weights, the same log. Checkpoints are written whole or not at all."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -15,22 +12,23 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from rrcm_diffusers.training import PretrainConfig, pretrain
-from tests.helpers import REPO
+from tests.helpers import run_in_new_process
 from tests.rrcm.helpers import tiny_model
 
 STEPS = 9  # 64 images in batches of 16: 4 steps per epoch, so the run crosses two epoch borders
 
-JOB = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    from accelerate import Accelerator
+
+def _pretrain(out: str, kill_at: int, kill_in_save: bool, data_dir: str) -> None:
+    """The pretraining command, in a process of its own: 9 steps of the tiny model on 64 images, saving
+    every 2; with ``kill_at``, kill -9 itself in the middle of step ``kill_at`` (``kill_in_save``: while
+    checkpoint ``kill_at`` is half written). The same call again resumes."""
+    import os
+    import signal
+
     import rrcm_diffusers.checkpointing as checkpointing
     import rrcm_diffusers.training as training
     from rrcm_diffusers.data import load_mnist
-    from tests.rrcm.helpers import tiny_model
 
-    out, steps, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if kill_at:
         calls, real_update = [0], training.update_ema
 
@@ -41,7 +39,7 @@ JOB = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
         training.update_ema = update_then_maybe_die
-        if os.environ.get("KILL_IN_SAVE"):  # die while a checkpoint is half written
+        if kill_in_save:  # die while a checkpoint is half written
             real_save = checkpointing.save_optimizer
 
             def save_then_die(optimizer, path):
@@ -51,26 +49,13 @@ JOB = textwrap.dedent(
 
             checkpointing.save_optimizer = save_then_die
             training.update_ema = real_update
-    x, _ = load_mnist("train", os.environ["DATA"])
-    cfg = training.PretrainConfig(steps=steps, batch_size=16, warmup_steps=2, checkpoint_every=2, log_every=1)
-    training.pretrain(tiny_model(), x[:64], cfg, Accelerator(cpu=True), out, progress=False)
-    """
-)
+    x, _ = load_mnist("train", data_dir)
+    cfg = PretrainConfig(steps=STEPS, batch_size=16, warmup_steps=2, checkpoint_every=2, log_every=1)
+    pretrain(tiny_model(), x[:64], cfg, Accelerator(cpu=True), out, progress=False)
 
 
 def _job(out, kill_at: int, data_dir, kill_in_save: bool = False) -> int:
-    env = {"DATA": str(data_dir), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    if kill_in_save:
-        env["KILL_IN_SAVE"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", JOB, str(out), str(STEPS), str(kill_at)],
-        env={**__import__("os").environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode in (0, -9), proc.stderr[-3000:]
-    return proc.returncode
+    return run_in_new_process(_pretrain, str(out), kill_at, kill_in_save, str(data_dir))
 
 
 def _final(out):
