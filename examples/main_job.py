@@ -119,7 +119,7 @@ def main() -> None:
     t0 = time.perf_counter()
     # two passes over a subset of the queries: a window moved in the first pass is trained on in the second
     if args.quick:  # enough to show the gain (tests/test_main_job.py asserts it): +0.113 nDCG@10, +0.085 STS;
-        # 64 tokens, not 128, in training and both evaluations: the job 370 s -> ~230 s on 2 cores (training
+        # 64 tokens, not 128, in training and both evaluations: the job 370 -> ~250 s on 2 cores (training
         # 187 -> 98 s) and a gain as large (at 128: +0.106, +0.067; measured 2026-12-08)
         conan_config = RecipeConfig(
             "conan", steps=20, train_queries=160, num_negatives=2, max_seq_length=64,
