@@ -57,7 +57,7 @@ JOB_PRELOAD = ["torch", "rrcm_diffusers.training", "sentence_transformers", "con
 
 def run_in_new_process(fn: Callable[..., Any], *args: Any, timeout: float = 240) -> int:
     """Run ``fn(*args)`` in a process of its own, as a command a user runs (and may kill) would; its exit code
-    (0, 1 if it raised, -9 if it killed itself). ``fn``: a module-level function.
+    (0, or -9 if it killed itself; one that raised fails here, with its traceback). ``fn``: module-level.
 
     A new interpreter spends 8-12 s importing diffusers or sentence-transformers. The process is forked
     from this one where that is safe (one torch thread, as in scripts/test.sh's workers: no OpenMP pool
