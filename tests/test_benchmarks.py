@@ -3,12 +3,11 @@ they ran on, then medians with their spread over interleaved rounds."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,15 +47,8 @@ CASES = {  # id: (script, arguments, what its output must say)
 @pytest.mark.parametrize("case", list(CASES))
 def test_benchmark_prints_the_machine_and_spreads(case):
     script, args, expect = CASES[case]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=REPO,
-    )
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = run_python([str(REPO / "benchmarks" / script), *args], timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "machine: " in run.stdout and "cores, flags" in run.stdout, run.stdout
     assert expect in run.stdout and " [" in run.stdout, run.stdout  # median [min, max]
@@ -70,32 +62,28 @@ def test_sequential_certification_benchmark_runs_on_a_saved_pipeline(tmp_path, d
     RRCMPipeline(model=tiny_model(num_classes=10, projection_dim=0)).save_pretrained(tmp_path / "pipe")
     args_bench = ["--pipeline", str(tmp_path / "pipe"), "--data-dir", str(data_dir), "--sigma", "0.5",
                   "--num-images", "10", "--n", "300", "--n0", "20", "--out", str(tmp_path / "seq")]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = first = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args_bench],
-                                 capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1"}
+    bench = [str(REPO / "benchmarks/bench_certify_sequential.py"), *args_bench]
+    run = first = run_python(bench, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "machine: " in run.stdout and "ratio fixed / sequential" in run.stdout and "McNemar" in run.stdout
     assert "where the samples go" in run.stdout
     # the ceiling reads those certificates (per-image p_A) and simulates both rules at n_max 300 and 1,000
     args = ["--certificates", str(tmp_path / "seq-n300.json"), "--sigma", "0.5", "--n0", "20", "--n-max", "300",
             "1000", "--reps", "2"]  # fmt: skip
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks/sequential_ceiling.py"), *args],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
+    run = run_python([str(REPO / "benchmarks/sequential_ceiling.py"), *args], timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("ceiling    forward passes") == 2 and "n_max 1,000" in run.stdout
     assert "n_max 300 paired with the fixed run's own votes" in run.stdout  # the bridge, at the measured n
     assert "images fixed-n certified that the rule did not" in run.stdout
     # the fixed arm reused from that file gives the same table; --skip-fixed runs the sequential arm alone
-    bench = [sys.executable, str(REPO / "benchmarks/bench_certify_sequential.py"), *args_bench]
-    again = subprocess.run([*bench[:-2], "--fixed-from", str(tmp_path / "seq")], capture_output=True, text=True,
-                           timeout=600, env=env, cwd=REPO)  # fmt: skip
+    again = run_python([*bench[:-2], "--fixed-from", str(tmp_path / "seq")], timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     table = lambda out: [line.split("wall")[0] for line in out.splitlines() if "forward passes" in line]  # noqa: E731
     fixed_row = lambda out: next(line for line in out.splitlines() if line.startswith("  fixed "))  # noqa: E731
     assert table(again.stdout) == table(first.stdout)
     assert fixed_row(again.stdout) == fixed_row(first.stdout)  # its recorded wall time too
-    alone = subprocess.run([*bench[:-2], "--skip-fixed"], capture_output=True, text=True, timeout=600, env=env,
-                           cwd=REPO)  # fmt: skip
+    alone = run_python([*bench[:-2], "--skip-fixed"], timeout=600, env=env)
     assert alone.returncode == 0 and "fixed n (not run) draws 3,200 forward passes" in alone.stdout, (
         alone.stderr
     )

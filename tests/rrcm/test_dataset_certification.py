@@ -15,7 +15,7 @@ import torch
 from rrcm_diffusers import RRCMPipeline
 from rrcm_diffusers.dataset_certification import certify_dataset, load_pipeline, read_records, report_row
 from shared_dist.testing import launch
-from tests.helpers import REPO
+from tests.helpers import REPO, run_python
 from tests.rrcm.helpers import tiny_model
 
 N0, N, SIGMA = 20, 300, 0.25
@@ -204,13 +204,7 @@ def test_cli_under_accelerate_launch_writes_the_report_of_one_process(pipe_dir, 
         "--batch-size", "64",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, *cli, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    one = run_python([*cli, "--out", str(tmp_path / "one")], env=env, timeout=200)  # no new interpreter
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
