@@ -1,8 +1,8 @@
 """The main job: both methods end to end on real data, into one report folder.
 
-    python examples/main_job.py --out reports/latest            # 18-39 minutes on 2 cores
+    python examples/main_job.py --out reports/latest            # 15-39 minutes on 2 cores
     python examples/main_job.py --out reports/latest --resume   # continue an interrupted run
-    python examples/main_job.py --out reports/quick --quick     # about 5 minutes
+    python examples/main_job.py --out reports/quick --quick     # 2-5 minutes
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no examples/main_job.py --out reports/two-procs
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/latest")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--quick", action="store_true", help="the ~5-minute version")
+    parser.add_argument("--quick", action="store_true", help="the short version (2-5 minutes on 2 cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     parser.add_argument(
         "--resume", action="store_true", help="continue in an existing folder, reusing finished stages"
