@@ -330,6 +330,9 @@ def _w_queue(total: int) -> list[int]:
         mine.append(k)
         time.sleep(0.002 * (dist.get_rank() + 1) ** 2)  # ranks of unequal speed
     assert shared_dist.next_index("other") >= 0  # another key is another counter
+    # the store lives in rank 0's process: without a collective here, the fast rank 0 returned and ended
+    # while rank 2 still drew ("Connection reset by peer" on a loaded machine: two launches at once)
+    shared_dist.barrier()
     return mine
 
 

@@ -635,7 +635,9 @@ def next_index(key: str) -> int:
     finished its item takes the next one instead of waiting behind another rank's slow item
     (``rrcm_diffusers.certify_dataset`` hands out images with it). It uses the key-value store
     of the default process group (the rendezvous store of ``init_process_group``); in one process, a
-    local counter. Use a new ``key`` for each queue (broadcast one from rank 0).
+    local counter. Use a new ``key`` for each queue (broadcast one from rank 0). The store is served from
+    rank 0's process: end the queue with a collective (a ``barrier``, or a gather of the results, as
+    ``certify_dataset`` does each round), so that rank 0 cannot exit while another rank still draws.
     """
     if not isinstance(key, str) or not key:
         raise ValueError(f"key must be a non-empty string, got {key!r}")
