@@ -59,16 +59,19 @@ def run_in_new_process(fn: Callable[..., Any], *args: Any, timeout: float = 240)
     """Run ``fn(*args)`` in a process of its own, as a command a user runs (and may kill) would; its exit code
     (0, or -9 if it killed itself; one that raised fails here, with its traceback). ``fn``: module-level.
 
-    A new interpreter spends 8-12 s importing diffusers or sentence-transformers. The process is forked
-    from this one where that is safe (one torch thread, as in scripts/test.sh's workers: no OpenMP pool
-    to inherit), else from a forkserver that imported ``JOB_PRELOAD`` once and never ran a torch op."""
+    A new interpreter spends 5-12 s importing diffusers or sentence-transformers. The process is forked
+    from this one where that is safe (shared_dist.testing's rule for its ranks: Linux, one torch thread
+    as in scripts/test.sh's workers, CUDA not initialised), else from a forkserver that imported
+    ``JOB_PRELOAD`` once and never ran a torch op."""
     import tempfile
 
     import torch
 
+    from shared_dist.testing import _fork_is_safe
+
     with tempfile.TemporaryDirectory() as tmp:
         error = Path(tmp) / "traceback.txt"
-        proc = _start(_job_entry, (fn, args, str(error)), fork=torch.get_num_threads() == 1)
+        proc = _start(_job_entry, (fn, args, str(error)), fork=_fork_is_safe(torch.get_num_threads()))
         if not _joined(proc, timeout):
             raise AssertionError(f"{fn.__name__}{args} did not end within {timeout} s")
         assert proc.exitcode in (0, -9), f"{fn.__name__}{args} failed (exit code {proc.exitcode}):\n" + (

@@ -81,6 +81,16 @@ def _worker(
             dist.destroy_process_group()
 
 
+def _fork_is_safe(threads: int) -> bool:
+    """Whether a process forked from this one may run torch on ``threads`` threads: on Linux only (macOS
+    offers fork, but its system libraries are not fork-safe: spawn is its default), with one thread (GNU
+    libgomp is not fork-safe: a child with more hangs if this process ran a multi-threaded op) and CUDA
+    not initialised here."""
+    import torch
+
+    return sys.platform.startswith("linux") and threads == 1 and not torch.cuda.is_initialized()
+
+
 def launch(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -113,11 +123,7 @@ def launch(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     methods = mp.get_all_start_methods()
     if start_method is None:
-        import torch
-
-        # Linux only: macOS offers fork, but its system libraries are not fork-safe (spawn is its default)
-        safe = sys.platform.startswith("linux") and threads == 1 and not torch.cuda.is_initialized()
-        start_method = "fork" if safe else "spawn"
+        start_method = "fork" if _fork_is_safe(threads) else "spawn"
     elif start_method not in methods:
         raise ValueError(f"start_method must be one of {methods} on this platform, got {start_method!r}")
     ctx = mp.get_context(start_method)
