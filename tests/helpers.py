@@ -89,7 +89,9 @@ def run_python(
     script runs as ``__main__`` (runpy) in a process forked from the forkserver of ``run_in_new_process``
     (never from this process: a test's torch settings must not leak into a command). ``env``: variables
     set on top of this process's (``OMP_NUM_THREADS`` sets torch's threads, as a new interpreter reads it).
-    Past ``timeout`` seconds the process is killed and ``subprocess.TimeoutExpired`` raised."""
+    Past ``timeout`` seconds the process is killed and ``subprocess.TimeoutExpired`` raised. What it cannot
+    show: a module or path the command lacks that the forkserver has (``JOB_PRELOAD``, this sys.path), so
+    the README's commands keep a new interpreter (tests/test_main_job.py)."""
     import tempfile
 
     cmd = [sys.executable, *argv]

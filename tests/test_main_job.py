@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO
 
 
 def run_job(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
@@ -56,9 +56,9 @@ def test_overwrite_never_deletes_a_folder_the_job_did_not_write(tmp_path, data_d
 @pytest.mark.timeout(1800)
 def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_dir):
     out = tmp_path / "report"
-    # from the forkserver that imported the libraries (tests/helpers.run_python: no 5-12 s of imports)
-    job = [str(REPO / "examples/main_job.py"), "--out", str(out), "--quick", "--data-dir", str(data_dir)]
-    proc = run_python(job, timeout=1500)
+    # a new interpreter, not tests/helpers.run_python: the README's main command must find every import and
+    # path of its own (the forkserver's modules and sys.path would hide a missing one; 5-12 s more)
+    proc = run_job("--out", str(out), "--quick", "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     assert "certified accuracy" in summary and "| rRCM | 0.5 |" in summary and "| Cohen | 0.5 |" in summary
@@ -77,6 +77,6 @@ def test_quick_main_job_writes_the_report_and_never_overwrites(tmp_path, data_di
     assert (out / "rrcm/rrcm-sigma0.5/pipeline/model_index.json").is_file()
     card = (out / "conan/model/README.md").read_text()
     assert "2408.15710" in card  # the model card cites the Conan paper through the loss
-    again = run_python(job, timeout=300)
+    again = run_job("--out", str(out), "--quick", "--data-dir", str(data_dir), timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (out / ".main_job").is_file()  # the marker that lets --overwrite replace this folder
