@@ -3,13 +3,9 @@ they ran on, then medians with their spread over interleaved rounds."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.helpers import run_python
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, run_python
 
 CERTIFY = ["--rounds", "2", "--n", "100", "--images", "1", "--batch", "100"]
 # batch 8 is past --max-uncached: the uncached loss's memory there is extrapolated from 4 and 6 (batch 4 is

@@ -10,14 +10,11 @@ lowered in a pyproject.toml, LOWEST (tests/helpers.py) must follow, and this tes
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import LOWEST, run_ok
+from tests.helpers import LOWEST, REPO, run_ok
 from tests.readme_snippets import run_conan_block, run_script, write_script
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("package", list(LOWEST))

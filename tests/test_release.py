@@ -24,8 +24,6 @@ from tests.readme_snippets import (
     write_script,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
